@@ -1,0 +1,123 @@
+"""`QAAConfig`: the one typed description of a QAA adapter, shared by every engine and backend.
+
+Kept free of torch and qiskit so that the API process can validate specs and estimate costs without them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Entangler = Literal["ring", "linear", "none"]
+Readout = Literal["expval", "expval+zz", "probs"]
+Compress = Literal["none", "fixed", "learned"]
+Gradient = Literal["exact", "parameter-shift", "spsa"]
+
+#: Largest register the exact engine accepts: a 2^16-amplitude state per token is already 512 KiB in complex64.
+MAX_EXACT_QUBITS = 16
+
+
+class QAAConfig(BaseModel):
+    """Configuration of QAA adapters, as in PEFT's `LoraConfig`.
+
+    Example:
+        >>> cfg = QAAConfig(target_modules=["q_proj", "v_proj"], layers=2)
+        >>> cfg.num_qubits(576)
+        10
+        >>> cfg.num_params(10)
+        50
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="Module-name suffixes, or one regex matched against the full module name (as in PEFT).",
+    )
+    qubits: Literal["auto"] | int = Field("auto", description="ceil(log2 d_in) with `auto`, or a fixed register size.")
+    layers: int = Field(2, ge=1, le=32, description="Ansatz layers L.")
+    entangler: Entangler = "ring"
+    readout: Readout = "expval"
+    compress: Compress = Field(
+        "none", description="How d_in maps onto 2^n amplitudes when 2^n < d_in: a fixed orthonormal map or a learned one."
+    )
+    alpha: float = Field(1.0, description="Fixed scale of the adapter's update.")
+    backend: str = Field("exact", description="exact | aer | fake:<FakeBackend> | ibm:<backend>.")
+    gradient: Gradient = "exact"
+    seed: int = Field(0, ge=0, description="Seeds theta's initialisation and the fixed compression matrix.")
+
+    # Circuit-backend options (ignored by `exact`).
+    shots: int | None = Field(None, ge=1, le=1_000_000, description="None = exact expectations where allowed.")
+    input_grad: Literal["shift", "none"] = Field(
+        "shift", description="Input gradients through the data angles by parameter-shift, or none (frozen input)."
+    )
+    embedding: Literal["gates", "direct"] = Field(
+        "gates", description="`gates` runs the preparation circuit; `direct` (simulators) sets the ideal state."
+    )
+    optimization_level: int = Field(1, ge=0, le=3)
+    device: Literal["CPU", "GPU"] = "CPU"
+    method: str | None = Field(None, description="Aer simulation method; chosen by cost when unset.")
+    noise: str | None = Field(None, description="Name of a fake IBM backend whose noise model Aer applies.")
+    spsa_samples: int = Field(1, ge=1, le=100)
+
+    @field_validator("qubits")
+    @classmethod
+    def _qubits_in_range(cls, v: Literal["auto"] | int) -> Literal["auto"] | int:
+        if v != "auto" and not 1 <= v <= MAX_EXACT_QUBITS:
+            raise ValueError(f"qubits must be 'auto' or between 1 and {MAX_EXACT_QUBITS}, got {v}")
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_not_empty(cls, v: list[str] | str) -> list[str] | str:
+        if not v:
+            raise ValueError("target_modules must name at least one module")
+        return v
+
+    @model_validator(mode="after")
+    def _gradient_fits_backend(self) -> QAAConfig:
+        if self.gradient == "exact" and self.backend != "exact":
+            raise ValueError(
+                f"gradient 'exact' needs backend 'exact'; backend {self.backend!r} takes 'parameter-shift' or 'spsa'"
+            )
+        return self
+
+    def num_qubits(self, d_in: int) -> int:
+        """Register size for an input of width `d_in`, with the bounds checked."""
+        if d_in < 1:
+            raise ValueError(f"input width must be positive, got {d_in}")
+        auto = max(1, math.ceil(math.log2(d_in)))
+        n = auto if self.qubits == "auto" else self.qubits
+        if n > MAX_EXACT_QUBITS:
+            raise ValueError(
+                f"d_in={d_in} needs {n} qubits, more than the {MAX_EXACT_QUBITS} allowed; "
+                f"set qubits <= {MAX_EXACT_QUBITS} with compress: fixed or learned"
+            )
+        if 2**n < d_in and self.compress == "none":
+            raise ValueError(
+                f"{n} qubits hold {2**n} amplitudes but d_in={d_in}; set compress: fixed or learned, or qubits: auto"
+            )
+        return n
+
+    def num_params(self, n: int) -> int:
+        """P = 2Ln + n trainable angles."""
+        return 2 * self.layers * n + n
+
+    def num_outputs(self, n: int) -> int:
+        """k, the readout width."""
+        if self.readout == "expval":
+            return n
+        if self.readout == "expval+zz":
+            return n + len(zz_pairs(n))
+        return 2**n
+
+
+def zz_pairs(n: int) -> list[tuple[int, int]]:
+    """The ring pairs (i, (i+1) mod n) read by `expval+zz`: n = 2 has the single pair (0, 1), n = 1 none."""
+    if n == 1:
+        return []
+    if n == 2:
+        return [(0, 1)]
+    return [(i, (i + 1) % n) for i in range(n)]
