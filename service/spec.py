@@ -1,0 +1,463 @@
+"""The job spec: what users write in `job.yaml`, validated once here and nowhere else.
+
+Every model forbids unknown keys, so a typo (`learning_rte`) is a 422 naming the field rather than a
+silently ignored option. Bounds carry the bound in the message. `model` and `dataset` are checked for syntax
+only: whether a model exists is known to the worker, which fails the job with a readable message if not.
+
+This module must stay light: it imports `circuits.config` (pure pydantic), never torch, transformers or
+qiskit.
+
+Example:
+    >>> spec = JobSpec.model_validate({"model": "builtin:tiny-llama", "dataset": "builtin:restaurants",
+    ...                                "method": {"kind": "qaa"}})
+    >>> spec.quantum.backend, spec.queue, spec.training.steps
+    ('exact', 'cpu', 200)
+    >>> spec.qaa_config().layers
+    2
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from circuits.config import MAX_EXACT_QUBITS, Compress, Entangler, Gradient, QAAConfig, Readout
+
+MAX_STEPS = 100_000
+MAX_BATCH_SIZE = 512
+MAX_LENGTH = 4096
+MAX_NEW_TOKENS = 1024
+MAX_EVAL_SAMPLES = 10_000
+MAX_NAME_LENGTH = 200
+MAX_REF_LENGTH = 1000
+
+METHOD_KINDS = ("qaa", "lora", "prefix", "sora", "full")
+Queue = Literal["cpu", "gpu", "qpu"]
+Metric = Literal["bleu", "rouge", "bertscore"]
+AerMethod = Literal[
+    "automatic",
+    "statevector",
+    "density_matrix",
+    "stabilizer",
+    "extended_stabilizer",
+    "matrix_product_state",
+    "unitary",
+    "superop",
+    "tensor_network",
+]
+
+_BUILTIN = re.compile(r"builtin:[a-z0-9][a-z0-9._-]*")
+_HF_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_DATASET_ID = re.compile(r"ds_[0-9a-f]{8,64}")
+_FAKE_BACKEND = re.compile(r"fake:Fake[A-Za-z0-9_]+")
+_IBM_BACKEND = re.compile(r"ibm:[A-Za-z0-9][A-Za-z0-9_-]*")
+_FAKE_NAME = re.compile(r"Fake[A-Za-z0-9_]+")
+
+
+class _Strict(BaseModel):
+    """Base of every spec model: unknown keys are errors, and a stored spec round-trips unchanged."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or ref in (".", "..")
+
+
+def _check_ref_text(ref: str, what: str) -> None:
+    if not ref:
+        raise ValueError(f"{what} must not be empty")
+    if len(ref) > MAX_REF_LENGTH:
+        raise ValueError(f"{what} must be at most {MAX_REF_LENGTH} characters, got {len(ref)}")
+    if not ref.isprintable():  # line breaks, tabs, NULs: never part of a model id or a sane path
+        raise ValueError(f"{what} must not contain control characters or line breaks")
+    if "://" in ref:
+        raise ValueError(f"{what} must not be a URL, got {ref!r}")
+
+
+def check_model_ref(ref: str) -> str:
+    """`builtin:<name>`, a Hugging Face id (`org/name`, `name`), or a local path (`/..`, `./..`, `~/..`)."""
+    _check_ref_text(ref, "model")
+    if ref.startswith("builtin:"):
+        if not _BUILTIN.fullmatch(ref):
+            raise ValueError(f"builtin names are lowercase letters, digits, '.', '_' or '-', got {ref!r}")
+        return ref
+    if _looks_like_path(ref) or _HF_ID.fullmatch(ref):
+        return ref
+    raise ValueError(
+        f"model must be builtin:<name>, a Hugging Face id like 'org/name', or a path starting with "
+        f"'/', './' or '~', got {ref!r}"
+    )
+
+
+def check_dataset_ref(ref: str) -> str:
+    """`builtin:<name>`, `ds_<id>` from `POST /v1/datasets`, or a path (the client uploads local files)."""
+    _check_ref_text(ref, "dataset")
+    if ref.startswith("builtin:"):
+        if not _BUILTIN.fullmatch(ref):
+            raise ValueError(f"builtin names are lowercase letters, digits, '.', '_' or '-', got {ref!r}")
+        return ref
+    if ref.startswith("ds_"):
+        if not _DATASET_ID.fullmatch(ref):
+            raise ValueError(f"dataset ids look like ds_<hex> as returned by POST /v1/datasets, got {ref!r}")
+        return ref
+    if ":" in ref.split("/", 1)[0] and not _looks_like_path(ref):
+        raise ValueError(f"dataset must be builtin:<name>, ds_<id> or a path, got {ref!r}")
+    return ref
+
+
+def check_backend_name(name: str) -> str:
+    """exact | aer | fake:Fake<Name> | ibm:<backend>."""
+    if name in ("exact", "aer") or _FAKE_BACKEND.fullmatch(name) or _IBM_BACKEND.fullmatch(name):
+        return name
+    if name.startswith("fake:"):
+        raise ValueError(f"fake backends are named like fake:FakeManilaV2, got {name!r}")
+    raise ValueError(f"backend must be exact, aer, fake:<FakeBackend> or ibm:<backend>, got {name!r}")
+
+
+# --- method ------------------------------------------------------------------------------------------------
+
+
+def _targets_not_empty(v: list[str] | str) -> list[str] | str:
+    if not v or (isinstance(v, list) and not all(v)):
+        raise ValueError("target_modules must name at least one module, and no name may be empty")
+    return v
+
+
+TargetModules = Annotated[
+    list[str] | str,
+    AfterValidator(_targets_not_empty),
+    Field(description="Module-name suffixes, or one regex matched against the full name (as in PEFT)."),
+]
+
+
+class QAAMethod(_Strict):
+    """QAA adapters; the fields and their meaning are those of `circuits.config.QAAConfig`."""
+
+    kind: Literal["qaa"] = "qaa"
+    target_modules: TargetModules = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    qubits: Literal["auto"] | int = Field("auto", description="ceil(log2 d_in) with `auto`, or 1..16.")
+    layers: int = Field(2, ge=1, le=32)
+    entangler: Entangler = "ring"
+    readout: Readout = "expval"
+    compress: Compress = "none"
+    alpha: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False)
+
+    @field_validator("qubits", mode="before")
+    @classmethod
+    def _qubits_auto_or_bounded(cls, v: Any) -> Any:
+        # One readable message instead of pydantic's two-branch union error.
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_EXACT_QUBITS):
+            return v
+        raise ValueError(f"qubits must be 'auto' or an integer between 1 and {MAX_EXACT_QUBITS}, got {v!r}")
+
+
+class LoRAMethod(_Strict):
+    """PEFT LoRA baseline."""
+
+    kind: Literal["lora"]
+    r: int = Field(8, ge=1, le=1024)
+    lora_alpha: float = Field(16.0, gt=0, le=1e6, allow_inf_nan=False)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: TargetModules = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class PrefixMethod(_Strict):
+    """PEFT prefix tuning baseline."""
+
+    kind: Literal["prefix"]
+    num_virtual_tokens: int = Field(20, ge=1, le=512)
+
+
+class SoRAMethod(_Strict):
+    """SoRA: LoRA with a sparse, L1-regularised gate whose strength is `sparse_lambda`."""
+
+    kind: Literal["sora"]
+    r: int = Field(8, ge=1, le=1024)
+    lora_alpha: float = Field(16.0, gt=0, le=1e6, allow_inf_nan=False)
+    sparse_lambda: float = Field(1e-3, ge=0, le=1e3, allow_inf_nan=False)
+    target_modules: TargetModules = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class FullMethod(_Strict):
+    """Full fine-tuning: every weight trains; no options."""
+
+    kind: Literal["full"]
+
+
+Method = Annotated[
+    QAAMethod | LoRAMethod | PrefixMethod | SoRAMethod | FullMethod,
+    Field(discriminator="kind"),
+]
+
+
+# --- quantum -----------------------------------------------------------------------------------------------
+
+
+class QuantumOptions(_Strict):
+    """Where and how the QAA circuits run (only with `method.kind: qaa`).
+
+    `gradient` defaults to `exact` on the exact engine and `parameter-shift` on circuit backends, so a spec
+    that only names a backend is valid. Aer options (`device`, `method`, `noise`) are errors on other
+    backends rather than silently ignored.
+    """
+
+    backend: str = "exact"
+    shots: int | None = Field(None, ge=1, le=1_000_000, description="None = exact expectations if allowed.")
+    gradient: Gradient | None = Field(None, validate_default=True)
+    input_grad: Literal["shift", "none"] = "shift"
+    embedding: Literal["gates", "direct"] = "gates"
+    optimization_level: int = Field(1, ge=0, le=3)
+    spsa_samples: int = Field(1, ge=1, le=100)
+    max_circuits: int = Field(10_000_000, ge=1, le=10**12, description="Budget; the job is refused above it.")
+    max_shots: int = Field(10**9, ge=1, le=10**15, description="Budget; the job is refused above it.")
+    ibm_mode: Literal["batch", "session", "job"] | None = Field(
+        None, description="ibm: only; how runtime jobs are grouped (batch when unset)."
+    )
+    primitive_options: dict[str, Any] | None = Field(
+        None, description="fake:/ibm: only; passed to the runtime Sampler options (twirling, DD, ...)."
+    )
+    device: Literal["CPU", "GPU"] | None = Field(None, description="Aer only; CPU when unset.")
+    method: AerMethod | None = Field(None, description="Aer only; chosen by cost when unset.")
+    noise: str | None = Field(None, description="Aer only: a fake IBM backend whose noise model Aer applies.")
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_syntax(cls, v: str) -> str:
+        return check_backend_name(v)
+
+    @field_validator("shots")
+    @classmethod
+    def _shots_need_circuits(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("backend") == "exact":
+            raise ValueError("shots needs a circuit backend (aer, fake:, ibm:); 'exact' has no shot noise")
+        return v
+
+    @field_validator("gradient")
+    @classmethod
+    def _gradient_fits_backend(cls, v: Gradient | None, info: ValidationInfo) -> Gradient | None:
+        backend = info.data.get("backend")
+        if backend is None:  # the backend itself was invalid; that error is enough
+            return v
+        if v is None:
+            return "exact" if backend == "exact" else "parameter-shift"
+        if v == "exact" and backend != "exact":
+            raise ValueError(
+                f"gradient 'exact' needs backend 'exact'; {backend!r} takes 'parameter-shift' or 'spsa'"
+            )
+        return v
+
+    @field_validator("embedding")
+    @classmethod
+    def _direct_needs_simulator(cls, v: str, info: ValidationInfo) -> str:
+        backend = info.data.get("backend") or ""
+        if v == "direct" and backend.startswith(("fake:", "ibm:")):
+            raise ValueError(
+                f"embedding 'direct' sets an ideal state and exists only on exact and aer; "
+                f"backend {backend!r} needs embedding 'gates'"
+            )
+        return v
+
+    @field_validator("ibm_mode")
+    @classmethod
+    def _ibm_only(cls, v: str | None, info: ValidationInfo) -> str | None:
+        backend = info.data.get("backend")
+        if v is not None and backend is not None and not backend.startswith("ibm:"):
+            raise ValueError(f"ibm_mode applies to ibm: backends only, not {backend!r}")
+        return v
+
+    @field_validator("primitive_options")
+    @classmethod
+    def _runtime_only(cls, v: dict | None, info: ValidationInfo) -> dict | None:
+        backend = info.data.get("backend")
+        if v is not None and backend is not None and not backend.startswith(("fake:", "ibm:")):
+            raise ValueError(f"primitive_options apply to fake: and ibm: backends only, not {backend!r}")
+        return v
+
+    @field_validator("device", "method", "noise")
+    @classmethod
+    def _aer_only(cls, v: Any, info: ValidationInfo) -> Any:
+        backend = info.data.get("backend")
+        if v is not None and backend is not None and backend != "aer":
+            raise ValueError(f"{info.field_name} applies to backend 'aer' only, not {backend!r}")
+        return v
+
+    @field_validator("noise")
+    @classmethod
+    def _noise_names_fake_backend(cls, v: str | None) -> str | None:
+        if v is not None and not _FAKE_NAME.fullmatch(v):
+            raise ValueError(f"noise names a fake IBM backend like FakeManilaV2, got {v!r}")
+        return v
+
+
+# --- training and evaluation -------------------------------------------------------------------------------
+
+
+class TrainingOptions(_Strict):
+    """The optimisation loop. `eval_every` and `checkpoint_every` of 0 mean "only at the end"."""
+
+    steps: int = Field(200, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
+    max_length: int = Field(64, ge=8, le=MAX_LENGTH)
+    learning_rate: float = Field(2e-3, gt=0, le=1.0, allow_inf_nan=False)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    eval_every: int = Field(50, ge=0, le=MAX_STEPS)
+    checkpoint_every: int = Field(25, ge=0, le=MAX_STEPS)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
+    weight_decay: float = Field(0.0, ge=0, le=1.0, allow_inf_nan=False)
+    grad_clip: float | None = Field(1.0, gt=0, le=1e6, allow_inf_nan=False, description="None = no clipping.")
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_within_steps(cls, v: int, info: ValidationInfo) -> int:
+        steps = info.data.get("steps")
+        if steps is not None and v > steps:
+            raise ValueError(f"warmup_steps must be at most training.steps ({steps}), got {v}")
+        return v
+
+
+class EvaluationOptions(_Strict):
+    """Generation-based evaluation after training; `samples: 0` skips it."""
+
+    metrics: list[Metric] = Field(default_factory=lambda: ["bleu", "rouge", "bertscore"])
+    max_new_tokens: int = Field(48, ge=1, le=MAX_NEW_TOKENS)
+    samples: int = Field(100, ge=0, le=MAX_EVAL_SAMPLES)
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+
+# --- the job -----------------------------------------------------------------------------------------------
+
+
+class JobSpec(_Strict):
+    """A training job as submitted: the single source of truth for what a worker runs."""
+
+    name: str | None = Field(None, max_length=MAX_NAME_LENGTH, description="Optional label.")
+    model: str
+    dataset: str
+    method: Method = Field(default_factory=QAAMethod)
+    quantum: QuantumOptions | None = Field(None, validate_default=True, description="Only for kind qaa.")
+    training: TrainingOptions = Field(default_factory=TrainingOptions)
+    evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
+
+    @field_validator("model")
+    @classmethod
+    def _model_syntax(cls, v: str) -> str:
+        return check_model_ref(v)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_syntax(cls, v: str) -> str:
+        return check_dataset_ref(v)
+
+    @field_validator("quantum")
+    @classmethod
+    def _quantum_only_for_qaa(cls, v: QuantumOptions | None, info: ValidationInfo) -> QuantumOptions | None:
+        method = info.data.get("method")
+        if method is None:  # method itself was invalid
+            return v
+        if method.kind != "qaa":
+            if v is not None:
+                raise ValueError(f"quantum applies to method.kind 'qaa' only, not {method.kind!r}; remove it")
+            return None
+        return v if v is not None else QuantumOptions()
+
+    @property
+    def queue(self) -> Queue:
+        """The Celery queue: `qpu` for IBM hardware, `gpu` for Aer on GPU, `cpu` otherwise."""
+        q = self.quantum
+        if q is None:
+            return "cpu"
+        if q.backend.startswith("ibm:"):
+            return "qpu"
+        if q.backend == "aer" and q.device == "GPU":
+            return "gpu"
+        return "cpu"
+
+    def qaa_config(self) -> QAAConfig:
+        """The `QAAConfig` a worker builds adapters from; ValueError for non-QAA methods."""
+        if not isinstance(self.method, QAAMethod) or self.quantum is None:
+            raise ValueError(f"method.kind {self.method.kind!r} has no QAA config")
+        return to_qaa_config(self.method, self.quantum, seed=self.training.seed)
+
+
+def to_qaa_config(method: QAAMethod, quantum: QuantumOptions, *, seed: int = 0) -> QAAConfig:
+    """Merge the adapter shape (`method`) and the execution path (`quantum`) into one `QAAConfig`.
+
+    Options left unset in the spec (`device`, `ibm_mode`, `primitive_options`) take QAAConfig's defaults.
+    """
+    optional = {
+        key: value
+        for key, value in (
+            ("device", quantum.device),
+            ("ibm_mode", quantum.ibm_mode),
+            ("primitive_options", quantum.primitive_options),
+        )
+        if value is not None
+    }
+    return QAAConfig(
+        target_modules=method.target_modules,
+        qubits=method.qubits,
+        layers=method.layers,
+        entangler=method.entangler,
+        readout=method.readout,
+        compress=method.compress,
+        alpha=method.alpha,
+        backend=quantum.backend,
+        gradient=quantum.gradient,
+        seed=seed,
+        shots=quantum.shots,
+        input_grad=quantum.input_grad,
+        embedding=quantum.embedding,
+        optimization_level=quantum.optimization_level,
+        method=quantum.method,
+        noise=quantum.noise,
+        spsa_samples=quantum.spsa_samples,
+        max_circuits=quantum.max_circuits,
+        max_shots=quantum.max_shots,
+        **optional,
+    )
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate a decoded YAML/JSON document; raises `pydantic.ValidationError`."""
+    return JobSpec.model_validate(data)
+
+
+def error_path(loc: tuple[int | str, ...]) -> str:
+    """`('method', 'qaa', 'qubits')` -> `method.qubits`: drop pydantic's union tag, index lists as `[i]`."""
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if i == 1 and loc[0] == "method" and item in METHOD_KINDS:
+            continue
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """The errors of a failed `parse_spec` as `{"path", "message", "type"}`, ready for a 422 body."""
+    out = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        elif err["type"] == "union_tag_not_found":  # pydantic's wording hides which key is missing
+            msg = f"'kind' is required: one of {', '.join(METHOD_KINDS)}"
+        out.append({"path": error_path(tuple(err["loc"])), "message": msg, "type": err["type"]})
+    return out

@@ -1,0 +1,126 @@
+"""The exact engine against qiskit's Statevector, finite differences and its own two strategies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from qiskit import QuantumCircuit
+from qiskit.quantum_info import SparsePauliOp, Statevector
+
+from circuits.ansatz import ansatz_gates
+from circuits.backends.exact import exact_expectations, plan_for
+from circuits.config import zz_pairs
+
+ENTANGLERS = ["ring", "linear", "none"]
+READOUTS = ["expval", "expval+zz", "probs"]
+
+
+def reference(n: int, layers: int, entangler: str, readout: str, z: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """||z|| * r computed by qiskit from an independent rendering of the same gate list."""
+    qc = QuantumCircuit(n)
+    for g in ansatz_gates(n, layers, entangler):
+        if g.name == "cx":
+            qc.cx(*g.qubits)
+        else:
+            getattr(qc, g.name)(float(theta[g.param]), g.qubits[0])
+
+    def pauli_z(*qubits: int) -> SparsePauliOp:
+        label = ["I"] * n
+        for q in qubits:
+            label[n - 1 - q] = "Z"  # qiskit labels read right to left: qubit 0 is the last character
+        return SparsePauliOp("".join(label))
+
+    rows = []
+    for row in z:
+        norm = np.linalg.norm(row)
+        psi = np.zeros(2**n)
+        psi[: len(row)] = row / norm
+        sv = Statevector(psi).evolve(qc)
+        if readout == "probs":
+            r = sv.probabilities()
+        else:
+            observables = [pauli_z(i) for i in range(n)]
+            if readout == "expval+zz":
+                observables += [pauli_z(a, b) for a, b in zz_pairs(n)]
+            r = np.array([sv.expectation_value(o).real for o in observables])
+        rows.append(norm * r)
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+@pytest.mark.parametrize("entangler", ENTANGLERS)
+@pytest.mark.parametrize("readout", READOUTS)
+def test_matches_qiskit_statevector(n: int, entangler: str, readout: str) -> None:
+    gen = torch.Generator().manual_seed(n * 31 + len(entangler) + len(readout))
+    layers = 2
+    z = torch.randn(4, max(1, 2**n - 1), generator=gen)  # one short of 2^n: the zero padding is exercised
+    theta = torch.rand(2 * layers * n + n, generator=gen) * 2 * np.pi
+    want = reference(n, layers, entangler, readout, z.double().numpy(), theta.double().numpy())
+    for strategy in ("dense", "blocks"):
+        got = exact_expectations(plan_for(n, layers, entangler, readout, strategy), z, theta).detach().numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"strategy={strategy}")
+
+
+@pytest.mark.parametrize("n", [3, 6, 9])
+@pytest.mark.parametrize("readout", READOUTS)
+def test_adjoint_gradients_equal_autograd(n: int, readout: str) -> None:
+    """The hand-written adjoint (blocks) against plain autograd through the dense unitary."""
+    gen = torch.Generator().manual_seed(n)
+    z = torch.randn(5, 2**n - 3, generator=gen)
+    theta = torch.rand(5 * n, generator=gen) * 6
+    grads = {}
+    for strategy in ("dense", "blocks"):
+        zs, ts = z.clone().requires_grad_(), theta.clone().requires_grad_()
+        out = exact_expectations(plan_for(n, 2, "ring", readout, strategy), zs, ts)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        grads[strategy] = torch.autograd.grad((out * weights).sum(), [zs, ts])
+    for dense, blocks in zip(grads["dense"], grads["blocks"], strict=True):
+        torch.testing.assert_close(blocks, dense, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["dense", "blocks"])
+def test_gradients_match_finite_differences(strategy: str) -> None:
+    n, layers = 4, 2
+    plan = plan_for(n, layers, "ring", "expval+zz", strategy)
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(3, 2**n, generator=gen, dtype=torch.float64)
+    theta = torch.rand(5 * n, generator=gen, dtype=torch.float64) * 6
+    weights = torch.randn(3, 2 * n, generator=gen, dtype=torch.float64)
+
+    def loss(z_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
+        return (exact_expectations(plan, z_.float(), t_.float()).double() * weights).sum()
+
+    zs, ts = z.clone().requires_grad_(), theta.clone().requires_grad_()
+    gz, gt = torch.autograd.grad(loss(zs, ts), [zs, ts])
+    eps = 1e-2  # float32 engine: central differences with a step where truncation and rounding both stay < 1e-3
+    fd_t = torch.stack([(loss(z, theta + eps * e) - loss(z, theta - eps * e)) / (2 * eps) for e in torch.eye(5 * n)])
+    torch.testing.assert_close(gt, fd_t, atol=2e-3, rtol=1e-3)
+    for row, col in [(0, 0), (1, 5), (2, 15)]:
+        e = torch.zeros_like(z)
+        e[row, col] = eps
+        fd = (loss(z + e, theta) - loss(z - e, theta)) / (2 * eps)
+        assert abs(fd.item() - gz[row, col].item()) < 2e-3
+
+
+@pytest.mark.parametrize("strategy", ["dense", "blocks"])
+def test_zero_input_gives_zero_output_and_gradient(strategy: str) -> None:
+    plan = plan_for(5, 2, "ring", "expval", strategy)
+    z = torch.zeros(3, 20, requires_grad=True)
+    theta = torch.rand(25, requires_grad=True)
+    out = exact_expectations(plan, z, theta)
+    out.sum().backward()
+    assert out.abs().max().item() == 0.0
+    assert torch.isfinite(z.grad).all() and z.grad.abs().max().item() == 0.0
+    assert torch.isfinite(theta.grad).all()
+
+
+def test_strategy_chosen_by_size() -> None:
+    assert plan_for(4, 2, "ring", "expval").strategy == "dense"
+    assert plan_for(10, 2, "ring", "expval").strategy == "blocks"
+
+
+def test_cnot_ring_compiles_to_one_permutation_per_layer() -> None:
+    plan = plan_for(6, 3, "ring", "expval", "blocks")
+    kinds = [type(op).__name__ for op in plan.ops]
+    assert kinds == ["RealRotation", "Phase", "Permutation"] * 3 + ["RealRotation"]
