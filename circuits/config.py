@@ -15,7 +15,10 @@ Readout = Literal["expval", "expval+zz", "probs"]
 Compress = Literal["none", "fixed", "learned"]
 Gradient = Literal["exact", "parameter-shift", "spsa"]
 
-#: Largest register the exact engine accepts: a 2^16-amplitude state per token is already 512 KiB in complex64.
+#: Shots per circuit on `fake:` and `ibm:` when `shots` is null: those backends only sample.
+DEFAULT_SAMPLER_SHOTS = 4096
+
+#: Largest register the exact engine accepts: a 2^16-amplitude state per token is 512 KiB in complex64.
 MAX_EXACT_QUBITS = 16
 
 
@@ -36,12 +39,16 @@ class QAAConfig(BaseModel):
         default_factory=lambda: ["q_proj", "v_proj"],
         description="Module-name suffixes, or one regex matched against the full module name (as in PEFT).",
     )
-    qubits: Literal["auto"] | int = Field("auto", description="ceil(log2 d_in) with `auto`, or a fixed register size.")
+    qubits: Literal["auto"] | int = Field(
+        "auto", description="ceil(log2 d_in) with `auto`, or a fixed register size."
+    )
     layers: int = Field(2, ge=1, le=32, description="Ansatz layers L.")
     entangler: Entangler = "ring"
     readout: Readout = "expval"
     compress: Compress = Field(
-        "none", description="How d_in maps onto 2^n amplitudes when 2^n < d_in: a fixed orthonormal map or a learned one."
+        "none",
+        description="How d_in maps onto 2^n amplitudes when 2^n < d_in: a fixed orthonormal map or a learned "
+        "one.",
     )
     alpha: float = Field(1.0, description="Fixed scale of the adapter's update.")
     backend: str = Field("exact", description="exact | aer | fake:<FakeBackend> | ibm:<backend>.")
@@ -49,18 +56,34 @@ class QAAConfig(BaseModel):
     seed: int = Field(0, ge=0, description="Seeds theta's initialisation and the fixed compression matrix.")
 
     # Circuit-backend options (ignored by `exact`).
-    shots: int | None = Field(None, ge=1, le=1_000_000, description="None = exact expectations where allowed.")
+    shots: int | None = Field(
+        None, ge=1, le=1_000_000, description="None = exact expectations where allowed."
+    )
     input_grad: Literal["shift", "none"] = Field(
-        "shift", description="Input gradients through the data angles by parameter-shift, or none (frozen input)."
+        "shift",
+        description="Input gradients through the data angles by parameter-shift, or none (frozen input).",
     )
     embedding: Literal["gates", "direct"] = Field(
-        "gates", description="`gates` runs the preparation circuit; `direct` (simulators) sets the ideal state."
+        "gates",
+        description="`gates` runs the preparation circuit; `direct` (simulators) sets the ideal state.",
     )
     optimization_level: int = Field(1, ge=0, le=3)
     device: Literal["CPU", "GPU"] = "CPU"
     method: str | None = Field(None, description="Aer simulation method; chosen by cost when unset.")
     noise: str | None = Field(None, description="Name of a fake IBM backend whose noise model Aer applies.")
     spsa_samples: int = Field(1, ge=1, le=100)
+    ibm_mode: Literal["batch", "session", "job"] = Field(
+        "batch", description="How `ibm:` jobs are grouped: a runtime Batch, a Session, or plain jobs."
+    )
+    primitive_options: dict = Field(
+        default_factory=dict,
+        description="Passed through to the runtime Sampler options on `fake:`/`ibm:` (dynamical decoupling, "
+        "twirling, ...), e.g. {'twirling': {'enable_gates': True}}.",
+    )
+    max_circuits: int | None = Field(
+        None, ge=1, description="Budget: a job estimated above it is refused up front."
+    )
+    max_shots: int | None = Field(None, ge=1, description="Budget on total shots, checked like max_circuits.")
 
     @field_validator("qubits")
     @classmethod
@@ -80,9 +103,25 @@ class QAAConfig(BaseModel):
     def _gradient_fits_backend(self) -> QAAConfig:
         if self.gradient == "exact" and self.backend != "exact":
             raise ValueError(
-                f"gradient 'exact' needs backend 'exact'; backend {self.backend!r} takes 'parameter-shift' or 'spsa'"
+                f"gradient 'exact' needs backend 'exact'; backend {self.backend!r} takes 'parameter-shift' "
+                "or 'spsa'"
             )
         return self
+
+    @model_validator(mode="after")
+    def _embedding_fits_backend(self) -> QAAConfig:
+        if self.embedding == "direct" and self.backend.startswith(("fake:", "ibm:")):
+            raise ValueError(
+                f"embedding 'direct' sets an ideal state and exists only on simulators (exact, aer); "
+                f"backend {self.backend!r} needs embedding 'gates'"
+            )
+        return self
+
+    def effective_shots(self) -> int | None:
+        """Shots per circuit: `shots`, or on sampling-only backends (`fake:`, `ibm:`) the default."""
+        if self.shots is None and self.backend.startswith(("fake:", "ibm:")):
+            return DEFAULT_SAMPLER_SHOTS
+        return self.shots
 
     def num_qubits(self, d_in: int) -> int:
         """Register size for an input of width `d_in`, with the bounds checked."""
@@ -97,7 +136,8 @@ class QAAConfig(BaseModel):
             )
         if 2**n < d_in and self.compress == "none":
             raise ValueError(
-                f"{n} qubits hold {2**n} amplitudes but d_in={d_in}; set compress: fixed or learned, or qubits: auto"
+                f"{n} qubits hold {2**n} amplitudes but d_in={d_in}; set compress: fixed or learned, "
+                "or qubits: auto"
             )
         return n
 

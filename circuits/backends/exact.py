@@ -181,9 +181,17 @@ def _readout_matrix(n: int, readout: str, device: torch.device) -> torch.Tensor 
 
 
 @lru_cache(maxsize=256)
-def _index(perm: tuple[int, ...], device: torch.device, inverse: bool = False) -> torch.Tensor:
+def _index(perm: tuple[int, ...], device: torch.device, halves: int, inverse: bool = False) -> torch.Tensor:
+    """Row gather index over a state flattened to [S * 2^n, M] (S = halves)."""
     idx = torch.tensor(perm, device=device)
-    return torch.argsort(idx) if inverse else idx
+    idx = torch.argsort(idx) if inverse else idx
+    return torch.cat([idx + h * len(perm) for h in range(halves)])
+
+
+def _permute(state: torch.Tensor, perm: tuple[int, ...], inverse: bool = False) -> torch.Tensor:
+    """Gather whole rows of the flattened state: a contiguous copy per row, the cheapest gather on CPU."""
+    idx = _index(perm, state.device, len(state), inverse)
+    return state.reshape(-1, state.shape[2]).index_select(0, idx).reshape(state.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,7 +208,9 @@ def _block_view(state: torch.Tensor, start: int, size: int) -> torch.Tensor:
 
 def _apply_block(state: torch.Tensor, mat: torch.Tensor, start: int, size: int) -> torch.Tensor:
     """Apply a real 2^size matrix to qubits start..start+size-1 of every column."""
-    return torch.matmul(mat, _block_view(state, start, size)).reshape(state.shape)
+    view = _block_view(state, start, size)
+    # An explicit bmm: torch.matmul folds a 2-D @ 3-D product into one GEMM over a transposed copy of the state.
+    return torch.bmm(mat.expand(len(view), -1, -1), view).reshape(state.shape)
 
 
 def _block_grad(cot: torch.Tensor, before: torch.Tensor, start: int, size: int) -> torch.Tensor:
@@ -233,7 +243,7 @@ def _run(plan: Plan, state: torch.Tensor, tensors: list[torch.Tensor], keep: boo
     it = iter(tensors)
     for op in plan.ops:
         if isinstance(op, Permutation):
-            state = state.index_select(1, _index(op.index, state.device))
+            state = _permute(state, op.index)
         elif isinstance(op, Phase):
             if keep:
                 inputs.append(state)
@@ -288,7 +298,7 @@ class _AdjointCircuit(torch.autograd.Function):
         k = len(tensors)
         for op in reversed(plan.ops):
             if isinstance(op, Permutation):
-                cot = cot.index_select(1, _index(op.index, cot.device, inverse=True))
+                cot = _permute(cot, op.index, inverse=True)
                 continue
             if isinstance(op, Phase):
                 k -= 1

@@ -1,0 +1,125 @@
+"""Execution engines for QAA circuits, resolved by the config's `backend` name.
+
+Every engine is a callable `engine(z, theta) -> ||z|| * r(U(theta)|z/||z||>)` for z of shape [M, d <= 2^n],
+differentiable in z and theta, so `QAALayer` never needs to know where its circuit runs.
+
+| backend | engine |
+|---|---|
+| `exact` | `ExactEngine`: the torch statevector engine, autograd |
+| `aer` | `CircuitEngine` + `aer.AerRunner`: Aer primitives, exact or sampled, optional device noise |
+| `fake:<Name>` | `CircuitEngine` + `fake.FakeRunner`: runtime local testing mode on a fake IBM device |
+| `ibm:<name>` | `CircuitEngine` + `ibm.IbmRunner`: IBM Quantum hardware |
+
+Qiskit is imported only when a circuit engine is built or backends are listed, so importing this package (and
+`circuits`) stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from ..config import MAX_EXACT_QUBITS
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..config import QAAConfig
+
+Engine = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+
+
+class ExactEngine:
+    """The PyTorch statevector engine on the input's device (`backend: exact`)."""
+
+    def __init__(self, config: QAAConfig, n: int):
+        from .exact import plan_for
+
+        self.plan = plan_for(n, config.layers, config.entangler, config.readout)
+
+    def __call__(self, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        from .exact import exact_expectations
+
+        return exact_expectations(self.plan, z, theta)
+
+
+def get_engine(config: QAAConfig, n: int) -> Engine:
+    """The engine for `config.backend` on an n-qubit register; unknown names and unusable backends raise with
+    a message that says what is available or what to fix."""
+    backend = config.backend
+    if backend == "exact":
+        return ExactEngine(config, n)
+    if backend != "aer" and not backend.startswith(("fake:", "ibm:")):
+        raise ValueError(
+            f"unknown backend {backend!r}; available: exact, aer, fake:<FakeBackend>, ibm:<backend>"
+        )
+    from .circuit_engine import CircuitEngine
+    from .environment import environment
+
+    env = environment()
+    if backend == "aer":
+        from .aer import AerRunner
+
+        runner = AerRunner(config, env)
+    elif backend.startswith("fake:"):
+        from .fake import FakeRunner
+
+        runner = FakeRunner(config, env, backend.removeprefix("fake:"))
+    else:
+        from .ibm import IbmRunner
+
+        runner = IbmRunner(config, env, backend.removeprefix("ibm:"))
+    return CircuitEngine(config, n, runner, env)
+
+
+@lru_cache(maxsize=1)
+def _local_backends() -> tuple[dict, ...]:
+    from qiskit_aer import AerSimulator
+
+    from .fake import fake_backend, fake_names
+
+    aer = AerSimulator().configuration()
+    rows = [
+        {
+            "name": "exact",
+            "kind": "simulator",
+            "qubits": MAX_EXACT_QUBITS,
+            "basis_gates": ["ry", "rz", "cx"],
+            "noise": False,
+            "max_shots": None,
+        },
+        {
+            "name": "aer",
+            "kind": "simulator",
+            "qubits": aer.n_qubits,
+            "basis_gates": sorted(aer.basis_gates),
+            "noise": "optional (noise: <FakeBackend>)",
+            "max_shots": aer.max_shots,
+        },
+    ]
+    for name in fake_names():
+        conf = fake_backend(name).configuration()
+        rows.append(
+            {
+                "name": f"fake:{name}",
+                "kind": "fake",
+                "qubits": conf.n_qubits,
+                "basis_gates": sorted(conf.basis_gates),
+                "noise": True,
+                "max_shots": conf.max_shots,
+            }
+        )
+    return tuple(rows)
+
+
+def list_backends(hardware: bool = False) -> list[dict]:
+    """Name, kind (simulator/fake/hardware), qubits, basis gates, noise and shot limit of every backend; with
+    `hardware`, also the IBM devices the configured token can use (a network call under a deadline)."""
+    rows = [dict(row) for row in _local_backends()]
+    if hardware:
+        from .environment import environment
+        from .ibm import list_devices
+
+        rows += list_devices(environment())
+    return rows
