@@ -79,6 +79,11 @@ class Plan:
     def dim(self) -> int:
         return 2**self.n
 
+    @property
+    def first_phase(self) -> int:
+        """Index of the first Phase op: before it the state is real."""
+        return next((i for i, op in enumerate(self.ops) if isinstance(op, Phase)), -1)
+
 
 def compile_gates(n: int, gates: list[Gate], readout: str, strategy: str = "auto") -> Plan:
     """Group a gate list into rotation, phase and permutation ops (qubit i = bit i of the basis index).
@@ -145,27 +150,55 @@ def _bit_signs(n: int, device: torch.device) -> torch.Tensor:
     return 1.0 - 2.0 * ((j[:, None] >> torch.arange(n, device=device)[None, :]) & 1).float()
 
 
-def op_tensors(plan: Plan, theta: torch.Tensor) -> list[torch.Tensor]:
-    """For each RealRotation, one real matrix per block; for each Phase, the angle vector phi [2^n]."""
-    theta = theta.float()
-    cos, sin = torch.cos(theta / 2), torch.sin(theta / 2)
-    signs = _bit_signs(plan.n, theta.device)
-    eye = torch.eye(2, device=theta.device)
-    tensors: list[torch.Tensor] = []
+@lru_cache(maxsize=64)
+def _gather_layout(plan: Plan, num_params: int, device: torch.device):
+    """Index tensors that build every op tensor of a plan in a few batched ops (the per-gate loop is Python-bound).
+
+    Index `num_params` points at an appended identity angle: RY(0) = I, and a zero RZ coefficient.
+    """
+    by_size: dict[int, list[list[int]]] = {}
+    slots: list[tuple[str, int, int]] = []  # per op tensor: ("block", size, row) or ("phase", column, 0)
+    phase_columns: list[list[int]] = []
     for op in plan.ops:
-        if isinstance(op, Phase):
-            tensors.append(-0.5 * signs[:, list(op.qubits)] @ theta[list(op.params)])
-        elif isinstance(op, RealRotation):
-            idx = list(op.params)
-            c, s = cos[idx], sin[idx]
-            ry = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # [gates, 2, 2]
-            per_qubit = dict(zip(op.qubits, ry, strict=True))
+        if isinstance(op, RealRotation):
+            param_of = dict(zip(op.qubits, op.params, strict=True))
             for start, size in plan.blocks:
-                block = per_qubit.get(start, eye)
-                for q in range(start + 1, start + size):
-                    block = torch.kron(per_qubit.get(q, eye), block)  # higher qubits are more significant bits
-                tensors.append(block)
-    return tensors
+                rows = by_size.setdefault(size, [])
+                slots.append(("block", size, len(rows)))
+                rows.append([param_of.get(q, num_params) for q in range(start, start + size)])
+        elif isinstance(op, Phase):
+            param_of = dict(zip(op.qubits, op.params, strict=True))
+            slots.append(("phase", len(phase_columns), 0))
+            phase_columns.append([param_of.get(q, num_params) for q in range(plan.n)])
+    sizes = {size: torch.tensor(rows, device=device) for size, rows in by_size.items()}
+    bits = {
+        size: ((torch.arange(2**size, device=device)[:, None] >> torch.arange(size, device=device)) & 1).T
+        for size in sizes
+    }
+    phases = torch.tensor(phase_columns, device=device).T if phase_columns else None  # [n, phases]
+    return sizes, bits, phases, slots
+
+
+def op_tensors(plan: Plan, theta: torch.Tensor) -> list[torch.Tensor]:
+    """For each RealRotation, one real matrix per block; for each Phase, the angle vector phi [2^n].
+
+    A block is the Kronecker product of its qubits' RY matrices (higher qubits are more significant bits):
+    entry (a, b) is the product over its qubits t of RY_t[a_t, b_t], built for all blocks at once by one gather.
+    """
+    sizes, bits, phase_index, slots = _gather_layout(plan, len(theta), theta.device)
+    half = torch.cat([theta.float(), theta.new_zeros(1, dtype=torch.float32)]) / 2
+    cos, sin = torch.cos(half), torch.sin(half)
+    blocks = {}
+    for size, index in sizes.items():
+        c, s = cos[index], sin[index]  # [blocks, size]
+        ry = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # [blocks, size, 2, 2]
+        b = bits[size]
+        qubit = torch.arange(size, device=theta.device)[:, None, None]
+        blocks[size] = ry[:, qubit, b[:, :, None], b[:, None, :]].prod(1)
+    phases = None
+    if phase_index is not None:
+        phases = -_bit_signs(plan.n, theta.device) @ half[phase_index]  # [2^n, phases]
+    return [blocks[key][row] if kind == "block" else phases[:, key] for kind, key, row in slots]
 
 
 @lru_cache(maxsize=64)
@@ -220,40 +253,37 @@ def _block_grad(cot: torch.Tensor, before: torch.Tensor, start: int, size: int) 
 
 
 def _apply_phase(state: torch.Tensor, phi: torch.Tensor, conj: bool = False) -> torch.Tensor:
-    """Multiply by e^{i phi} (e^{-i phi} with conj); a real state becomes complex."""
+    """Multiply by e^{i phi} (e^{-i phi} with conj) along axis -3 = (real, imaginary); a real state becomes complex."""
     c, s = torch.cos(phi)[:, None], torch.sin(phi)[:, None]
     s = -s if conj else s
-    re, im = state[0], (state[1] if len(state) == 2 else None)
+    re = state[..., 0, :, :]
+    im = state[..., 1, :, :] if state.shape[-3] == 2 else None
     if torch.is_grad_enabled():  # the dense path differentiates through this with autograd
         if im is None:
-            return torch.stack([re * c, re * s])
-        return torch.stack([re * c - im * s, re * s + im * c])
-    out = state.new_empty((2, *state.shape[1:]))  # written in place: two passes fewer on the hot path
-    torch.mul(re, c, out=out[0])
-    torch.mul(re, s, out=out[1])
+            return torch.stack([re * c, re * s], dim=-3)
+        return torch.stack([re * c - im * s, re * s + im * c], dim=-3)
+    out = state.new_empty((*state.shape[:-3], 2, *state.shape[-2:]))  # in place: two passes fewer on the hot path
+    out_re, out_im = out[..., 0, :, :], out[..., 1, :, :]
+    torch.mul(re, c, out=out_re)
+    torch.mul(re, s, out=out_im)
     if im is not None:
-        out[0].addcmul_(im, s, value=-1)
-        out[1].addcmul_(im, c)
+        out_re.addcmul_(im, s, value=-1)
+        out_im.addcmul_(im, c)
     return out
 
 
-def _run(plan: Plan, state: torch.Tensor, tensors: list[torch.Tensor], keep: bool = False):
-    """Apply the plan; with keep, also return each tensor's op input (for the adjoint)."""
-    inputs: list[torch.Tensor] = []
+def _run(plan: Plan, state: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Apply the plan to a state [S, 2^n, M]."""
     it = iter(tensors)
     for op in plan.ops:
         if isinstance(op, Permutation):
             state = _permute(state, op.index)
         elif isinstance(op, Phase):
-            if keep:
-                inputs.append(state)
             state = _apply_phase(state, next(it))
         else:
             for start, size in plan.blocks:
-                if keep:
-                    inputs.append(state)
                 state = _apply_block(state, next(it), start, size)
-    return state, inputs
+    return state
 
 
 def _readout(plan: Plan, probs: torch.Tensor) -> torch.Tensor:
@@ -278,8 +308,10 @@ class _AdjointCircuit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, plan: Plan, *tensors: torch.Tensor) -> torch.Tensor:
         psi, norm = _embed(z, plan.dim)
-        final, _ = _run(plan, psi.transpose(0, 1)[None].contiguous(), list(tensors))
+        final = _run(plan, psi.transpose(0, 1)[None].contiguous(), list(tensors))
         ctx.plan = plan
+        # Only z is kept: keeping the final state too saves one replay but costs 2^n x M x 8 bytes per adapter,
+        # which at SmolLM2 scale (60 adapters) is more memory than the whole LoRA adapter set.
         ctx.save_for_backward(z, *tensors)
         return norm * _readout(plan, final.square().sum(0))
 
@@ -288,39 +320,41 @@ class _AdjointCircuit(torch.autograd.Function):
         plan: Plan = ctx.plan
         z, *tensors = ctx.saved_tensors
         psi, norm = _embed(z, plan.dim)
-        final, inputs = _run(plan, psi.transpose(0, 1)[None].contiguous(), tensors, keep=True)
+        final = _run(plan, psi.transpose(0, 1)[None].contiguous(), tensors)
         r = _readout(plan, final.square().sum(0))
         g = (grad_out.float() * norm).transpose(0, 1)  # d loss / d r, as [k, M]: the output is ||z|| * r
         signs = _readout_matrix(plan.n, plan.readout, final.device)
         cot = final * (2 * (g if signs is None else signs @ g))  # d loss / d amplitudes
 
+        # Walk back through the ops with the state and its cotangent side by side, [state; cot] as [2, S, 2^n, M]:
+        # every op inverts the state and propagates the cotangent in one call (the ops are unitary).
+        pair = torch.stack([final, cot])
         grads: list[torch.Tensor | None] = [None] * len(tensors)
         k = len(tensors)
-        for op in reversed(plan.ops):
+        for index, op in reversed(list(enumerate(plan.ops))):
             if isinstance(op, Permutation):
-                cot = _permute(cot, op.index, inverse=True)
+                pair = _permute(pair.flatten(0, 1), op.index, inverse=True).view(pair.shape)
                 continue
             if isinstance(op, Phase):
                 k -= 1
-                before = inputs.pop()
-                cot = _apply_phase(cot, tensors[k], conj=True)
+                pair = _apply_phase(pair, tensors[k], conj=True)
                 if ctx.needs_input_grad[2 + k]:  # d/dphi_j = sum_cols Im(conj(before) * cot)
-                    grads[k] = (before[0] * cot[1]).sum(1)
-                    if len(before) == 2:
-                        grads[k] -= (before[1] * cot[0]).sum(1)
-                cot = cot[: len(before)]  # where the state was real, only the real part flows back
+                    grads[k] = (pair[0, 0] * pair[1, 1] - pair[0, 1] * pair[1, 0]).sum(1)
+                if index == plan.first_phase:  # the state was real before it: drop the (zero) imaginary parts
+                    pair = pair[:, :1]
                 continue
             for start, size in reversed(plan.blocks):
                 k -= 1
-                before = inputs.pop()
+                cot_after = pair[1]
+                flat = _apply_block(pair.flatten(0, 1), tensors[k].transpose(0, 1), start, size)
+                pair = flat.view(pair.shape)
                 if ctx.needs_input_grad[2 + k]:
-                    grads[k] = _block_grad(cot, before, start, size)
-                cot = _apply_block(cot, tensors[k].transpose(0, 1), start, size)
+                    grads[k] = _block_grad(cot_after, pair[0], start, size)
         grad_z = None
         if ctx.needs_input_grad[0]:
             # cot is d loss / d psi scaled by ||z||; with psi = z/||z|| the chain rule gives
             # d/dz = (v - psi (psi . v)) / ||z|| + psi (grad_out . r).
-            v = cot[0].transpose(0, 1)
+            v = pair[1, 0].transpose(0, 1)
             tangential = (v - psi * (psi * v).sum(-1, keepdim=True)) / norm.clamp_min(torch.finfo(v.dtype).tiny)
             grad_psi = tangential + psi * (grad_out.float() * r).sum(-1, keepdim=True)
             grad_z = grad_psi[:, : z.shape[-1]].to(z.dtype)
@@ -334,6 +368,6 @@ def exact_expectations(plan: Plan, z: torch.Tensor, theta: torch.Tensor) -> torc
         return _AdjointCircuit.apply(z, plan, *tensors)
     psi, norm = _embed(z, plan.dim)
     # Run over the basis as columns: u[s] holds the real (s = 0) and imaginary parts of U.
-    u, _ = _run(plan, torch.eye(plan.dim, device=z.device)[None], tensors)
+    u = _run(plan, torch.eye(plan.dim, device=z.device)[None], tensors)
     final = torch.matmul(u, psi.transpose(0, 1))
     return norm * _readout(plan, final.square().sum(0))
