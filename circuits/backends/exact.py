@@ -55,7 +55,7 @@ class Phase:
     params: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Permutation:
     """A run of CNOTs as a basis permutation: new_state[:, j] = state[:, index[j]]."""
 
@@ -65,7 +65,7 @@ class Permutation:
 Op = RealRotation | Phase | Permutation
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity hashing: plans are shared through plan_for's cache and hash in O(1)
 class Plan:
     """A compiled circuit: ops in order, fused blocks, readout and the chosen strategy."""
 
@@ -214,14 +214,14 @@ def _readout_matrix(n: int, readout: str, device: torch.device) -> torch.Tensor 
 
 
 @lru_cache(maxsize=256)
-def _index(perm: tuple[int, ...], device: torch.device, halves: int, inverse: bool = False) -> torch.Tensor:
+def _index(perm: Permutation, device: torch.device, halves: int, inverse: bool = False) -> torch.Tensor:
     """Row gather index over a state flattened to [S * 2^n, M] (S = halves)."""
-    idx = torch.tensor(perm, device=device)
+    idx = torch.tensor(perm.index, device=device)
     idx = torch.argsort(idx) if inverse else idx
-    return torch.cat([idx + h * len(perm) for h in range(halves)])
+    return torch.cat([idx + h * len(idx) for h in range(halves)])
 
 
-def _permute(state: torch.Tensor, perm: tuple[int, ...], inverse: bool = False) -> torch.Tensor:
+def _permute(state: torch.Tensor, perm: Permutation, inverse: bool = False) -> torch.Tensor:
     """Gather whole rows of the flattened state: a contiguous copy per row, the cheapest gather on CPU."""
     idx = _index(perm, state.device, len(state), inverse)
     return state.reshape(-1, state.shape[2]).index_select(0, idx).reshape(state.shape)
@@ -277,7 +277,7 @@ def _run(plan: Plan, state: torch.Tensor, tensors: list[torch.Tensor]) -> torch.
     it = iter(tensors)
     for op in plan.ops:
         if isinstance(op, Permutation):
-            state = _permute(state, op.index)
+            state = _permute(state, op)
         elif isinstance(op, Phase):
             state = _apply_phase(state, next(it))
         else:
@@ -333,7 +333,7 @@ class _AdjointCircuit(torch.autograd.Function):
         k = len(tensors)
         for index, op in reversed(list(enumerate(plan.ops))):
             if isinstance(op, Permutation):
-                pair = _permute(pair.flatten(0, 1), op.index, inverse=True).view(pair.shape)
+                pair = _permute(pair.flatten(0, 1), op, inverse=True).view(pair.shape)
                 continue
             if isinstance(op, Phase):
                 k -= 1
