@@ -18,3 +18,31 @@ def smollm2_models_dir(tmp_path_factory: pytest.TempPathFactory):
     models_dir = tmp_path_factory.mktemp("models")
     export_smollm2(models_dir)
     return models_dir
+
+
+@pytest.fixture
+def api(tmp_path, monkeypatch):
+    """A TestClient on a fresh embedded API (SQLite store and broker under a temporary QAA_HOME)."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import get_settings
+
+    monkeypatch.setenv("QAA_HOME", str(tmp_path / "qaa-home"))
+    for name in ("QAA_DATABASE_URL", "QAA_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    get_settings.cache_clear()
+    with TestClient(create_app(get_settings())) as client:
+        yield client
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def auth_for(api):
+    """`auth_for("alice")`: request headers carrying a new API key of that owner."""
+
+    def make(owner: str) -> dict[str, str]:
+        _, plaintext = api.app.state.store.create_api_key(owner)
+        return {"Authorization": f"Bearer {plaintext}"}
+
+    return make

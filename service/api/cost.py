@@ -1,0 +1,172 @@
+"""What a job spec will cost, from the spec alone: circuits, shots, primitive calls and a time range.
+
+The circuit figures come from `circuits.estimate` (the counts the engines keep), applied to every adapter the
+spec's `target_modules` would wrap. Which modules those are, and their input widths, the API knows for the
+builtin models from `BUILTIN_SHAPES` without loading them (the API process never imports torch); for any
+other model the caller passes `d_in` and `adapters`.
+
+The time range is coarse on purpose: per-token and per-circuit costs measured on a 2-core CPU (DESIGN.md,
+"Performance notes"), widened to cover the spread between small and large circuits. Queue waits on IBM
+hardware are not included.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from circuits import QAAConfig
+from circuits.cost_estimate import Estimate, check_budget, estimate
+from service.spec import JobSpec, QAAMethod
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Per transformer block: (module path inside the block, its input width); and seconds per trained
+    token (low, high) for the classical forward + backward on a 2-core CPU."""
+
+    prefix: str
+    blocks: int
+    modules: tuple[tuple[str, int], ...]
+    seconds_per_token: tuple[float, float]
+
+
+def _llama(hidden: int, intermediate: int, blocks: int, per_token: tuple[float, float]) -> ModelShape:
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    mlp = (("mlp.gate_proj", hidden), ("mlp.up_proj", hidden), ("mlp.down_proj", intermediate))
+    return ModelShape("model.layers", blocks, tuple((n, hidden) for n in names) + mlp, per_token)
+
+
+# Mirrors the configs in workers/models.py (the API may not import workers): tiny-llama hidden 64,
+# intermediate 128, 2 blocks; tiny-gpt2 n_embd 64 (MLP 4x), 2 blocks; SmolLM2-135M hidden 576,
+# intermediate 1536, 30 blocks (1.2-3 s per 4 x 64-token step with adapters).
+BUILTIN_SHAPES: dict[str, ModelShape] = {
+    "builtin:tiny-llama": _llama(64, 128, 2, (2e-5, 1e-3)),
+    "builtin:tiny-gpt2": ModelShape(
+        "transformer.h",
+        2,
+        (("attn.c_attn", 64), ("attn.c_proj", 64), ("mlp.c_fc", 64), ("mlp.c_proj", 256)),
+        (2e-5, 1e-3),
+    ),
+    "builtin:smollm2-135m": _llama(576, 1536, 30, (3e-3, 2e-2)),
+}
+
+#: Seconds per executed circuit (low, high) and per primitive call (low, high), by backend kind.
+#: aer: 0.36 ms per binding at 6 qubits up to 11.5 ms at 10 qubits with the gate embedding; fake: noiseless
+#: 0.4 ms up to 70 ms per binding with FakeTorino's noise; ibm: QPU time per circuit at a few thousand
+#: shots, and the runtime's per-job overhead (no queue wait).
+CIRCUIT_SECONDS = {"aer": (3e-4, 1.5e-2), "fake": (4e-4, 8e-2), "ibm": (5e-3, 1e-1)}
+CALL_SECONDS = {"aer": (1e-3, 0.1), "fake": (1e-2, 1.0), "ibm": (2.0, 60.0)}
+
+
+class EstimateError(ValueError):
+    """The spec cannot be priced as given; `path` names the input to fix."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+
+
+@dataclass(frozen=True)
+class SpecCost:
+    estimate: Estimate
+    d_in: list[int]
+    adapters: int
+    tokens_per_step: int
+    seconds: tuple[float, float] | None
+    over_budget: str | None  # why the estimate exceeds the spec's budget; None when it fits
+
+
+def _matches(name: str, targets: list[str] | str) -> bool:
+    # PEFT's rule, as circuits.inject applies it: a suffix list matches `name` or `*.name`; a string is a regex.
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def adapter_widths(shape: ModelShape, targets: list[str] | str) -> Counter[int]:
+    """Input width -> number of adapters the targets wrap in a model of this shape."""
+    widths: Counter[int] = Counter()
+    for block in range(shape.blocks):
+        for module, width in shape.modules:
+            if _matches(f"{shape.prefix}.{block}.{module}", targets):
+                widths[width] += 1
+    return widths
+
+
+def spec_cost(spec: JobSpec, *, d_in: int | None = None, adapters: int | None = None) -> SpecCost:
+    """Price `spec`. `d_in` and `adapters` override the builtin shapes (and are required for other models)."""
+    tokens = spec.training.batch_size * spec.training.max_length
+    steps = spec.training.steps
+    shape = BUILTIN_SHAPES.get(spec.model)
+    classical = None
+    if shape is not None:
+        low, high = shape.seconds_per_token
+        classical = (low * tokens * steps, high * tokens * steps)
+    if not isinstance(spec.method, QAAMethod) or spec.quantum is None:
+        zero = Estimate(0, 0, 0, 0, f"method {spec.method.kind} runs no circuits")
+        return SpecCost(zero, [], 0, tokens, classical, None)
+
+    config = spec.qaa_config()
+    widths = _widths(spec, shape, d_in, adapters)
+    try:
+        parts = [estimate(config, tokens, steps, d_in=w, adapters=n) for w, n in sorted(widths.items())]
+    except ValueError as exc:  # e.g. a width that needs more qubits than allowed without compression
+        raise EstimateError("method.qubits", str(exc)) from exc
+    total = _sum(parts)
+    seconds = _seconds(config, total, classical)
+    try:
+        check_budget(config, total)
+        over = None
+    except ValueError as exc:
+        over = str(exc)
+    return SpecCost(total, sorted(widths), sum(widths.values()), tokens, seconds, over)
+
+
+def _widths(spec: JobSpec, shape: ModelShape | None, d_in: int | None, adapters: int | None) -> Counter[int]:
+    if d_in is not None or adapters is not None or shape is None:
+        if d_in is None or adapters is None:
+            missing = "d_in" if d_in is None else "adapters"
+            raise EstimateError(
+                missing,
+                f"the API knows the module shapes of {', '.join(BUILTIN_SHAPES)} only; for {spec.model!r} "
+                "pass both d_in (the adapted modules' input width) and adapters (how many modules match)",
+            )
+        return Counter({d_in: adapters})
+    widths = adapter_widths(shape, spec.method.target_modules)
+    if not widths:
+        names = sorted({m.rsplit(".", 1)[-1] for m, _ in shape.modules})
+        raise EstimateError(
+            "method.target_modules",
+            f"target_modules {spec.method.target_modules!r} match no module of {spec.model}; "
+            f"its linear modules: {', '.join(names)}",
+        )
+    return widths
+
+
+def _sum(parts: list[Estimate]) -> Estimate:
+    notes = list(dict.fromkeys(p.note for p in parts if p.note))
+    return Estimate(
+        circuits_per_step=sum(p.circuits_per_step for p in parts),
+        circuits=sum(p.circuits for p in parts),
+        shots=sum(p.shots for p in parts),
+        primitive_calls=sum(p.primitive_calls for p in parts),
+        note="; ".join(notes),
+    )
+
+
+def _backend_kind(backend: str) -> str:
+    return backend.split(":", 1)[0]
+
+
+def _seconds(config: QAAConfig, est: Estimate, classical: tuple[float, float] | None) -> tuple[float, float] | None:
+    if classical is None:
+        return None
+    kind = _backend_kind(config.backend)
+    if kind == "exact":  # the statevector engine is part of the step time: up to 2x a LoRA step
+        return classical[0], classical[1] * 2
+    circuit, call = CIRCUIT_SECONDS[kind], CALL_SECONDS[kind]
+    low = classical[0] + est.circuits * circuit[0] + est.primitive_calls * call[0]
+    high = classical[1] + est.circuits * circuit[1] + est.primitive_calls * call[1]
+    return low, high

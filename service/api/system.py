@@ -1,0 +1,127 @@
+"""Service-level endpoints: health, readiness, Prometheus metrics, backends and cost estimates.
+
+`/v1/backends` asks `circuits.backends.list_backends` in a child process: listing them loads qiskit, which the
+API process never imports (it stays small and starts fast). The answer is cached for the app's lifetime.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import queueing
+from service.api.body import SPEC_BODY, read_spec
+from service.api.cost import EstimateError, spec_cost
+from service.deps import CurrentOwner, StoreDep
+from service.problems import Problem, field_problem, problem_responses
+from service.schemas import BackendOut, EstimateOut, Health, Readiness, SecondsRange
+
+router = APIRouter()
+
+BACKENDS_TIMEOUT_S = 120
+_LIST_BACKENDS = "import json; from circuits.backends import list_backends; print(json.dumps(list_backends()))"
+_backends_lock = threading.Lock()
+
+
+@router.get("/healthz", tags=["system"], summary="The process is up")
+def healthz() -> Health:
+    return Health(status="ok")
+
+
+def _check(probe) -> str:
+    try:
+        return "ok" if probe() else "unreachable"
+    except Exception as exc:  # any failure of a dependency means "not ready", never a 500
+        return f"unreachable: {type(exc).__name__}"
+
+
+@router.get("/readyz", tags=["system"], responses=problem_responses(503), summary="The store and broker answer")
+def readyz(store: StoreDep) -> Readiness:
+    checks = {
+        "store": _check(lambda: isinstance(store.count_jobs_by_status(), dict)),
+        "broker": _check(queueing.broker_ping),
+    }
+    if any(v != "ok" for v in checks.values()):
+        failing = ", ".join(k for k, v in checks.items() if v != "ok")
+        raise Problem(503, f"not ready: {failing} unreachable", checks=checks)
+    return Readiness(status="ok", checks=checks)
+
+
+@router.get(
+    "/metrics",
+    tags=["system"],
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    summary="Prometheus text exposition",
+)
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _list_backends() -> list[dict]:
+    done = subprocess.run(
+        [sys.executable, "-c", _LIST_BACKENDS], capture_output=True, text=True, timeout=BACKENDS_TIMEOUT_S
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output")
+    return json.loads(done.stdout)
+
+
+@router.get(
+    "/v1/backends",
+    tags=["system"],
+    responses=problem_responses(401, 503),
+    summary="Execution backends: simulators and fake IBM devices",
+)
+def backends(request: Request, _owner: CurrentOwner) -> list[BackendOut]:
+    state = request.app.state
+    with _backends_lock:
+        if state.backends is None:
+            try:
+                state.backends = [BackendOut.model_validate(b) for b in _list_backends()]
+            except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+                raise Problem(503, f"listing backends failed: {exc}") from exc
+    return state.backends
+
+
+@router.post(
+    "/v1/estimate",
+    tags=["system"],
+    openapi_extra=SPEC_BODY,
+    responses=problem_responses(400, 401, 413, 422),
+    summary="Circuits, shots, primitive calls and a time range for a spec; nothing runs",
+)
+async def estimate(
+    request: Request,
+    _owner: CurrentOwner,
+    d_in: Annotated[int | None, Query(ge=1, le=1 << 20, description="Adapted modules' input width.")] = None,
+    adapters: Annotated[int | None, Query(ge=1, le=100_000, description="How many modules are adapted.")] = None,
+) -> EstimateOut:
+    spec = await read_spec(request)
+    try:
+        cost = await run_in_threadpool(spec_cost, spec, d_in=d_in, adapters=adapters)
+    except EstimateError as exc:
+        raise field_problem(422, exc.path, str(exc)) from exc
+    est = cost.estimate
+    note = "; ".join(n for n in (est.note, cost.over_budget) if n)
+    return EstimateOut(
+        backend=spec.quantum.backend if spec.quantum else "none",
+        circuits_per_step=est.circuits_per_step,
+        circuits=est.circuits,
+        shots=est.shots,
+        primitive_calls=est.primitive_calls,
+        seconds=SecondsRange(low=cost.seconds[0], high=cost.seconds[1]) if cost.seconds else None,
+        within_budget=cost.over_budget is None,
+        adapters=cost.adapters,
+        d_in=cost.d_in,
+        tokens_per_step=cost.tokens_per_step,
+        note=note,
+    )

@@ -1,0 +1,144 @@
+"""API schemas: what the service answers, kept apart from the store's tables.
+
+Each `from_row` maps a stored row to its public shape; secrets and internals (lease owner, file paths on
+the server) never leave through these types.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from service.store import Artifact, Dataset, Job
+
+JobStatusName = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+
+
+class Progress(BaseModel):
+    step: int
+    steps: int
+
+
+class JobOut(BaseModel):
+    """A job as users see it; `usage` holds the quantum counters, `evaluation` the final scores."""
+
+    id: str
+    name: str | None
+    status: JobStatusName
+    spec: dict[str, Any]
+    queue: str
+    progress: Progress
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    usage: dict[str, Any] | None
+    evaluation: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, job: Job) -> JobOut:
+        return cls(
+            id=job.id,
+            name=job.name,
+            status=job.status.value,
+            spec=job.spec,
+            queue=job.queue,
+            progress=Progress(step=job.step, steps=job.steps),
+            attempts=job.attempts,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            error=job.error,
+            usage=job.usage,
+            evaluation=job.evaluation,
+        )
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; null at the end.")
+
+
+class MetricsPage(BaseModel):
+    points: list[dict[str, Any]] = Field(
+        description="`{step, loss, lr, ...}` in step order; eval points carry `eval_loss`."
+    )
+    next_after_step: int = Field(description="Pass as `after_step` to get only newer points (-1: from the start).")
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    created_at: datetime
+    url: str
+
+    @classmethod
+    def from_row(cls, artifact: Artifact, job_id: str) -> ArtifactOut:
+        return cls(
+            name=artifact.name,
+            size=artifact.size,
+            sha256=artifact.sha256,
+            created_at=artifact.created_at,
+            url=f"/v1/jobs/{job_id}/artifacts/{artifact.name}",
+        )
+
+
+class DatasetOut(BaseModel):
+    """An uploaded dataset; name it in a spec as `dataset: <id>`."""
+
+    id: str
+    name: str
+    rows: int
+    size: int
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, dataset: Dataset) -> DatasetOut:
+        return cls(
+            id=dataset.id, name=dataset.name, rows=dataset.rows, size=dataset.size, created_at=dataset.created_at
+        )
+
+
+class SecondsRange(BaseModel):
+    low: float
+    high: float
+
+
+class EstimateOut(BaseModel):
+    """What a spec would cost, computed before anything runs."""
+
+    backend: str
+    circuits_per_step: int
+    circuits: int
+    shots: int
+    primitive_calls: int
+    seconds: SecondsRange | None = Field(description="Wall time range; null when the model's speed is unknown.")
+    within_budget: bool
+    adapters: int
+    d_in: list[int]
+    tokens_per_step: int
+    note: str
+
+
+class BackendOut(BaseModel):
+    name: str
+    kind: str
+    qubits: int
+    basis_gates: list[str]
+    noise: bool | str
+    max_shots: int | None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ok"]
+    checks: dict[str, str]
