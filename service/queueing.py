@@ -30,7 +30,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 
 from service.settings import Settings, get_settings
@@ -99,7 +99,7 @@ def _app_for(url: str, *, embedded: bool) -> Celery:
         broker_transport_options=options,
         broker_connection_timeout=PROBE_TIMEOUT_S,
         broker_connection_retry_on_startup=True,
-        task_queues=[Queue(name) for name in QUEUES],
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue="cpu",
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -107,6 +107,8 @@ def _app_for(url: str, *, embedded: bool) -> Celery:
         task_publish_retry=True,
         task_publish_retry_policy=PUBLISH_RETRY_POLICY,
         worker_prefetch_multiplier=1,
+        # A broker hiccup must not stop a running job: its lease is in the store, not in the connection.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # Events and remote control need fanout exchanges, which the embedded broker lacks; nothing uses them.
         worker_send_task_events=False,
         task_send_sent_event=False,
