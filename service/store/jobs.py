@@ -203,13 +203,7 @@ class JobRepo(StoreBase):
         if usage is not None:
             values["usage"] = usage
         with self._write() as s:
-            result = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.lease_owner == worker_id, Job.status.in_(ACTIVE_STATUSES))
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            )
-            if result.rowcount != 1:
+            if not _update_held(s, job_id, worker_id, values):
                 return Heartbeat(ours=False, cancel_requested=False)
             status = s.scalar(select(Job.status).where(Job.id == job_id))
             return Heartbeat(ours=True, cancel_requested=status == JobStatus.CANCELLING)
@@ -238,13 +232,7 @@ class JobRepo(StoreBase):
             if value is not None:
                 values[key] = value
         with self._write() as s:
-            result = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.lease_owner == worker_id, Job.status.in_(ACTIVE_STATUSES))
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            )
-            return result.rowcount == 1
+            return _update_held(s, job_id, worker_id, values)
 
     def jobs_to_resend(self, older_than: timedelta, limit: int = 100) -> list[Job]:
         """Jobs whose task message may be lost, oldest first; the reconciler re-sends and `mark_enqueued`s.
@@ -312,3 +300,14 @@ class JobRepo(StoreBase):
             for status, n in s.execute(query):
                 counts[JobStatus(status).value] = n
         return counts
+
+
+def _update_held(session, job_id: str, worker_id: str, values: dict) -> bool:
+    """Update an active job only while `worker_id` holds its lease; True if it did."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == worker_id, Job.status.in_(ACTIVE_STATUSES))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
