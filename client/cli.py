@@ -1,0 +1,334 @@
+"""`qaa-client`: submit, watch and compare training jobs of a QAA service over HTTP.
+
+Exit codes, for scripts: 0 done, 1 the job failed or was cancelled, 2 usage (bad flags, an unreadable or
+invalid spec, any other refused request), 3 the server is unreachable or failing (5xx), 4 the API key was
+refused. Every command takes `--output json`, which prints the API's JSON (errors too, as `{"error": ...}`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import sys
+from collections.abc import Iterator
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.table import Table
+
+from client import compare as comparing
+from client import config, render
+from client.api import ApiClient, ApiError, AuthRefused, Unreachable
+from client.spec_file import SpecFileError, apply_overrides, load_spec, local_dataset
+from client.watch import follow, watch_live
+
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_AUTH = 4
+
+app = typer.Typer(
+    help="Submit, watch and compare QAA training jobs (exit codes: 0 done, 1 job failed or cancelled, "
+    "2 usage, 3 server unreachable, 4 key refused).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class Output(StrEnum):
+    text = "text"
+    json = "json"
+
+
+class MetricsFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+UrlOpt = Annotated[
+    str | None,
+    typer.Option("--url", help="Server URL [default: QAA_URL, the credentials file, http://127.0.0.1:8000]."),
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", help="API key [default: QAA_API_KEY, then $QAA_HOME/credentials].", show_default=False),
+]
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="text for people, json for scripts.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a spec value: dotted.path=value, value read as YAML (repeatable)."),
+]
+SpecArg = Annotated[Path, typer.Argument(help="Job spec, YAML or JSON.", show_default=False)]
+IntervalOpt = Annotated[float, typer.Option("--interval", min=0.1, help="Seconds between polls.")]
+
+
+# --- errors and exit codes ---------------------------------------------------------------------------------
+
+
+def fail(code: int, message: str, output: Output, problem: ApiError | None = None) -> NoReturn:
+    render.console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    if output is Output.json:
+        error: dict[str, Any] = {"exit_code": code, "message": message}
+        if problem is not None:
+            error.update(status=problem.status, detail=problem.detail, errors=problem.errors)
+        render.print_json({"error": error})
+    raise typer.Exit(code)
+
+
+def problem_message(exc: ApiError) -> str:
+    """The server's words: its detail, then one line per field or line it names."""
+    if not exc.errors:
+        return f"the server refused the request ({exc.status}): {exc.detail}"
+    fields = "\n".join(f"  {e.get('path') or '(body)'}: {e.get('message')}" for e in exc.errors)
+    return f"the server refused the request ({exc.status}):\n{fields}"
+
+
+@contextlib.contextmanager
+def connected(url: str | None, api_key: str | None, output: Output) -> Iterator[ApiClient]:
+    """An API client; every way the server can say no becomes a message and an exit code."""
+    try:
+        conn = config.resolve(url, api_key)
+    except config.ConfigError as exc:
+        fail(EXIT_USAGE, str(exc), output)
+    try:
+        with ApiClient(conn.url, conn.api_key) as api:
+            yield api
+    except Unreachable as exc:
+        fail(EXIT_UNREACHABLE, f"{exc}\n  is it running? (`qaa up`), or point --url / QAA_URL at it", output)
+    except AuthRefused as exc:
+        fail(EXIT_AUTH, f"the server at {conn.url} refused the API key ({conn.key_source}): {exc.detail}", output, exc)
+    except ApiError as exc:
+        code = EXIT_USAGE if exc.status < 500 else EXIT_UNREACHABLE
+        fail(code, problem_message(exc), output, exc)
+
+
+def read_spec(path: Path, overrides: list[str] | None, output: Output) -> dict[str, Any]:
+    try:
+        return apply_overrides(load_spec(path), overrides or [])
+    except SpecFileError as exc:
+        fail(EXIT_USAGE, str(exc), output)
+
+
+def exit_for(job: dict[str, Any]) -> None:
+    if job["status"] in ("failed", "cancelled"):
+        raise typer.Exit(EXIT_JOB_FAILED)
+
+
+def show(output: Output, data: Any, *renderables: Any) -> None:
+    if output is Output.json:
+        render.print_json(data)
+    else:
+        out = render.console()
+        for item in renderables:
+            out.print(item)
+
+
+# --- commands ----------------------------------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    spec_file: SpecArg,
+    set_: SetOpt = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Follow the job to its end (exit code by outcome).")] = False,
+    interval: IntervalOpt = 1.0,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Submit a job; a local dataset file named in the spec is uploaded first. Prints the job id."""
+    spec = read_spec(spec_file, set_, output)
+    with connected(url, api_key, output) as api:
+        dataset = local_dataset(spec, spec_file)
+        if dataset is not None:
+            uploaded = api.upload_dataset(dataset)
+            spec["dataset"] = uploaded["id"]
+            note(output, f"uploaded {dataset} as {uploaded['id']} ({uploaded['rows']} examples)")
+        job = api.submit_job(spec)
+        if not watch:
+            show(output, job, job["id"])
+            note(output, f"job {job['id']} queued on {job['queue']}; follow it with: qaa-client watch {job['id']}")
+            return
+        if output is Output.text:
+            render.console().print(job["id"])
+        job = _watch(api, job["id"], interval, output)
+    exit_for(job)
+
+
+@app.command()
+def watch(
+    job_id: str,
+    interval: IntervalOpt = 1.0,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Follow a job to its end with a live progress bar, then show its evaluation."""
+    with connected(url, api_key, output) as api:
+        job = _watch(api, job_id, interval, output)
+    exit_for(job)
+
+
+def _watch(api: ApiClient, job_id: str, interval: float, output: Output) -> dict[str, Any]:
+    try:
+        if output is Output.json:
+            job, _ = follow(api, job_id, interval=interval)
+        else:
+            job, _ = watch_live(api, job_id, render.console(stderr=True), interval=interval)
+    except KeyboardInterrupt:
+        note(output, f"stopped watching; the job goes on (qaa-client cancel {job_id} stops it)")
+        raise typer.Exit(130) from None
+    show(output, job, *render.job_tables(job))
+    if job["status"] in ("failed", "cancelled"):
+        note(output, f"job {job_id} {job['status']}" + (f": {job['error']}" if job.get("error") else ""))
+    return job
+
+
+def note(output: Output, message: str) -> None:
+    """A remark for people on stderr, so stdout stays what scripts parse."""
+    if output is Output.text:
+        render.console(stderr=True).print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def status(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None, output: OutputOpt = Output.text) -> None:
+    """A job's state, progress, quantum usage and evaluation (exit 1 if it failed or was cancelled)."""
+    with connected(url, api_key, output) as api:
+        job = api.get_job(job_id)
+    show(output, job, *render.job_tables(job))
+    exit_for(job)
+
+
+@app.command("list")
+def list_jobs(
+    state: Annotated[
+        list[str] | None,
+        typer.Option("--state", help="Only jobs in this state (repeatable): queued, running, succeeded, ..."),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="At most this many jobs, newest first.")] = 50,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Your jobs, newest first."""
+    with connected(url, api_key, output) as api:
+        jobs = api.list_jobs(state, limit)
+    show(output, jobs, render.jobs_table(jobs))
+
+
+@app.command()
+def cancel(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None, output: OutputOpt = Output.text) -> None:
+    """Cancel a job: a queued one at once, a running one within a step."""
+    with connected(url, api_key, output) as api:
+        job = api.cancel_job(job_id)
+    show(output, job, f"job {job['id']}: {job['status']}")
+
+
+@app.command()
+def metrics(
+    job_id: str,
+    format_: Annotated[
+        MetricsFormat | None, typer.Option("--format", help="table, csv or json [default: table; json with -o json].")
+    ] = None,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Every metric point of a job (loss, learning rate, eval loss, ...), in step order."""
+    with connected(url, api_key, output) as api:
+        points = api.metrics(job_id)
+    chosen = format_ or (MetricsFormat.json if output is Output.json else MetricsFormat.table)
+    if chosen is MetricsFormat.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=render.metric_columns(points), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(points)
+    elif chosen is MetricsFormat.json:
+        render.print_json(points)
+    else:
+        render.console().print(render.metrics_table(points))
+
+
+@app.command()
+def download(
+    job_id: str,
+    dest: Annotated[Path | None, typer.Option("--dest", help="Folder to write into [default: ./JOB_ID].")] = None,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Download every artifact of a job (streamed; each file's SHA-256 checked)."""
+    folder = dest or Path(job_id)
+    written = []
+    with connected(url, api_key, output) as api:
+        for artifact in api.artifacts(job_id):
+            name = PurePosixPath(artifact["name"])
+            if name.is_absolute() or ".." in name.parts:
+                fail(
+                    EXIT_UNREACHABLE, f"the server named an artifact {artifact['name']!r}; refusing to write it", output
+                )
+            path = folder.joinpath(*name.parts)
+            digest = api.download_artifact(artifact, path)
+            if digest != artifact["sha256"]:
+                fail(EXIT_UNREACHABLE, f"{artifact['name']}: SHA-256 {digest} differs from the server's", output)
+            written.append({**artifact, "path": str(path)})
+    table = Table("artifact", "bytes", "written to")
+    for item in written:
+        table.add_row(item["name"], render.fmt(item["size"]), item["path"])
+    show(output, written, table if written else f"job {job_id} has no artifacts (yet)")
+
+
+@app.command()
+def backends(url: UrlOpt = None, api_key: KeyOpt = None, output: OutputOpt = Output.text) -> None:
+    """Execution backends the server offers: simulators and fake IBM devices."""
+    with connected(url, api_key, output) as api:
+        found = api.backends()
+    show(output, found, render.backends_table(found))
+
+
+@app.command()
+def estimate(
+    spec_file: SpecArg,
+    set_: SetOpt = None,
+    d_in: Annotated[
+        int | None, typer.Option("--d-in", min=1, help="Adapted modules' input width (non-builtin models).")
+    ] = None,
+    adapters: Annotated[
+        int | None, typer.Option(min=1, help="How many modules are adapted (non-builtin models).")
+    ] = None,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Circuits, shots, primitive calls and a time range for a spec, before anything runs."""
+    spec = read_spec(spec_file, set_, output)
+    with connected(url, api_key, output) as api:
+        est = api.estimate(spec, d_in=d_in, adapters=adapters)
+    show(output, est, render.estimate_table(est))
+
+
+@app.command()
+def compare(
+    job_ids: Annotated[list[str], typer.Argument(help="Jobs to put side by side.", show_default=False)],
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also write their loss curves overlaid to this PNG.")
+    ] = None,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Methods side by side: trainable share, BLEU, ROUGE-L, BERTScore, final loss, time per step, memory."""
+    with connected(url, api_key, output) as api:
+        fetched = [(api.get_job(job_id), api.metrics(job_id)) for job_id in job_ids]
+    rows = [comparing.row(job, points) for job, points in fetched]
+    if plot is not None:
+        comparing.plot({f"{r['id']} {r['method']}": points for r, (_, points) in zip(rows, fetched, strict=True)}, plot)
+        note(output, f"loss curves written to {plot}")
+    show(output, rows, comparing.table(rows))
+
+
+if __name__ == "__main__":
+    app()

