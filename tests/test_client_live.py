@@ -30,9 +30,8 @@ TINY = str(REPO / "examples/tiny.yaml")
 FAKE_MANILA = str(REPO / "examples/fake-manila.yaml")
 UPLOAD = str(REPO / "examples/uploaded-dataset.yaml")
 
-#: The worker's BERTScore fails under transformers 5 (BertTokenizer.build_inputs_with_special_tokens is gone);
-#: add bertscore here once workers/evaluation.py scores it again.
-COMPARE_METRICS = "[bleu, rouge]"
+#: The metrics of the compared jobs: all three, so the BERTScore column is checked against the API too.
+COMPARE_METRICS = "[bleu, rouge, bertscore]"
 
 needs_trainer = pytest.mark.skipif(
     importlib.util.find_spec("workers.trainer") is None, reason="workers.trainer is not in this checkout yet"

@@ -52,3 +52,8 @@ def test_batched_generation_matches_one_at_a_time():
 def test_peak_memory_is_the_rss_high_water_mark_on_cpu():
     assert 50 < peak_memory_mb(torch.device("cpu")) < 64 * 1024
     assert Example("a", "b").prompt == "a"
+
+
+def test_empty_generation_scores_zero_bertscore():
+    scores = score(["", SENTENCES[0]], [SENTENCES[0], SENTENCES[0]], ["bertscore"])
+    assert scores["bertscore_f1"] == pytest.approx(0.5, abs=1e-4)  # (0 + 1) / 2

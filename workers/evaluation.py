@@ -105,8 +105,15 @@ def score(candidates: Sequence[str], references: Sequence[str], metrics: Sequenc
         for key in ("rouge1", "rouge2", "rougeL"):
             out[key] = sum(s[key].fmeasure for s in scores) / len(scores)
     if "bertscore" in metrics:
-        _, _, f1 = _bert_scorer().score(list(candidates), list(references))
-        out["bertscore_f1"] = float(f1.mean())
+        # An empty generation matches nothing: F1 0. (bert_score's own empty-string path calls a tokenizer method
+        # that transformers 5 removed, and would score the special tokens alone.)
+        scored = [i for i, cand in enumerate(candidates) if cand.strip() and references[i].strip()]
+        f1 = [0.0] * len(candidates)
+        if scored:
+            _, _, values = _bert_scorer().score([candidates[i] for i in scored], [references[i] for i in scored])
+            for i, value in zip(scored, values.tolist(), strict=True):
+                f1[i] = value
+        out["bertscore_f1"] = sum(f1) / len(f1)
     return out
 
 
