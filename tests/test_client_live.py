@@ -62,8 +62,8 @@ class Live:
 def live(tmp_path_factory):
     root = tmp_path_factory.mktemp("client-live")
     port = free_port()
-    services = Services.embedded(root, QAA_PORT=str(port))  # the credentials file names the real port
-    proc, url = start_api(services, port=port)
+    services = Services.embedded(root)
+    proc, url = start_api(services, port=port)  # `qaa api --port`: the credentials file must name that port
     with proc:
         credentials = json.loads((services.home / "credentials").read_text())
         assert credentials["url"] == url

@@ -60,12 +60,20 @@ def api(
     port: int = typer.Option(None, help="Port (default: QAA_PORT)."),
 ) -> None:
     """Serve the REST API and dashboard (uvicorn, `service.app:app`)."""
+    import os
+
     import uvicorn
 
     from service.settings import get_settings
 
+    # The app reads the address from settings too (it writes the URL into the credentials file): flags win there.
+    if host:
+        os.environ["QAA_HOST"] = host
+    if port:
+        os.environ["QAA_PORT"] = str(port)
+    get_settings.cache_clear()
     settings = get_settings()
-    uvicorn.run("service.app:app", host=host or settings.host, port=port or settings.port)
+    uvicorn.run("service.app:app", host=settings.host, port=settings.port)
 
 
 @app.command("migrate")
