@@ -6,6 +6,7 @@ Kept free of torch and qiskit so that the API process can validate specs and est
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -152,6 +153,13 @@ class QAAConfig(BaseModel):
         if self.readout == "expval+zz":
             return n + len(zz_pairs(n))
         return 2**n
+
+
+def matches_target(name: str, targets: list[str] | str) -> bool:
+    """PEFT's rule: a list matches a full module name or its dotted suffix; a string is a regex over the full name."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def zz_pairs(n: int) -> list[tuple[int, int]]:

@@ -3,24 +3,57 @@
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import QAAConfig
+from .config import QAAConfig, matches_target
 from .layer import QAALayer, linear_features
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def _matches(name: str, targets: list[str] | str) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+def _is_wrappable(module: nn.Module) -> bool:
+    try:
+        linear_features(module)
+    except TypeError:
+        return False
+    return True
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct last names of the modules an adapter can wrap (Linear, GPT-2's Conv1D), for error messages."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_wrappable(module)})
+
+
+def wrap_modules(
+    model: nn.Module, targets: list[str] | str, wrap: Callable[[nn.Module, str], nn.Module], wrapper: type
+) -> list[str]:
+    """Freeze the whole model and replace every module matching `targets` by `wrap(module, name)`.
+
+    The injection step of every adapter method (QAA here, SoRA in the workers); modules already wrapped by
+    `wrapper` are skipped. Returns the wrapped names; no match is an error listing the wrappable modules.
+    """
+    names = [
+        name
+        for name, module in model.named_modules()
+        if name and not isinstance(module, wrapper) and matches_target(name, targets)
+    ]
+    if not names:
+        raise ValueError(
+            f"target_modules {targets!r} matched no module; linear modules: {', '.join(linear_module_names(model))}"
+        )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, wrap(getattr(parent, child), name))
+    return names
 
 
 def inject_qaa(model: nn.Module, config: QAAConfig) -> nn.Module:
@@ -34,36 +67,12 @@ def inject_qaa(model: nn.Module, config: QAAConfig) -> nn.Module:
         >>> trainable_summary(model)["trainable"]
         76
     """
-    targets = [
-        name
-        for name, module in model.named_modules()
-        if name and not isinstance(module, QAALayer) and _matches(name, config.target_modules)
-    ]
-    if not targets:
-        linear = [n for n, m in model.named_modules() if _is_wrappable(m)]
-        raise ValueError(
-            f"target_modules {config.target_modules!r} matched no module; linear modules include: "
-            + ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linear})[:20])
-        )
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, QAALayer(getattr(parent, child), config, name=name))
+    wrap_modules(model, config.target_modules, lambda module, name: QAALayer(module, config, name=name), QAALayer)
     for layer in qaa_layers(model).values():
         for param in _adapter_parameters(layer):
             param.requires_grad_(True)
     model.qaa_config = config
     return model
-
-
-def _is_wrappable(module: nn.Module) -> bool:
-    try:
-        linear_features(module)
-    except TypeError:
-        return False
-    return True
 
 
 def qaa_layers(model: nn.Module) -> dict[str, QAALayer]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import circuits
+from circuits.inject import linear_module_names, wrap_modules
 from circuits.layer import linear_features
 
 CONFIG_NAME = "adapter_config.json"
@@ -169,40 +169,9 @@ class SoRALayer(nn.Module):
         return result + (low @ self.sora_B.t() * self.scaling).to(result.dtype)
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Distinct last names of the modules an adapter can wrap (Linear, GPT-2's Conv1D), for error messages."""
-    names = set()
-    for name, module in model.named_modules():
-        try:
-            linear_features(module)
-        except TypeError:
-            continue
-        names.add(name.rsplit(".", 1)[-1])
-    return sorted(names)
-
-
-def _matches(name: str, targets: list[str] | str) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def inject_sora(model: nn.Module, config: SoRAConfig) -> nn.Module:
     """Wrap every matching module in a `SoRALayer` and freeze everything else."""
-    targets = [
-        n for n, m in model.named_modules() if n and not isinstance(m, SoRALayer) and _matches(n, config.target_modules)
-    ]
-    if not targets:
-        raise ValueError(
-            f"target_modules {config.target_modules!r} matched no module; "
-            f"linear modules: {', '.join(linear_module_names(model))}"
-        )
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in targets:
-        parent, _, child = name.rpartition(".")
-        holder = model.get_submodule(parent)
-        setattr(holder, child, SoRALayer(getattr(holder, child), config, name=name))
+    wrap_modules(model, config.target_modules, lambda module, name: SoRALayer(module, config, name=name), SoRALayer)
     for n, p in model.named_parameters():
         p.requires_grad_(".sora_" in n or n.startswith("sora_"))
     model.sora_config = config

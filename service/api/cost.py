@@ -12,11 +12,11 @@ hardware are not included.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 
 from circuits import QAAConfig
+from circuits.config import matches_target
 from circuits.cost_estimate import Estimate, check_budget, estimate
 from service.spec import JobSpec, QAAMethod
 
@@ -78,19 +78,12 @@ class SpecCost:
     over_budget: str | None  # why the estimate exceeds the spec's budget; None when it fits
 
 
-def _matches(name: str, targets: list[str] | str) -> bool:
-    # PEFT's rule, as circuits.inject applies it: a suffix list matches `name` or `*.name`; a string is a regex.
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def adapter_widths(shape: ModelShape, targets: list[str] | str) -> Counter[int]:
     """Input width -> number of adapters the targets wrap in a model of this shape."""
     widths: Counter[int] = Counter()
     for block in range(shape.blocks):
         for module, width in shape.modules:
-            if _matches(f"{shape.prefix}.{block}.{module}", targets):
+            if matches_target(f"{shape.prefix}.{block}.{module}", targets):
                 widths[width] += 1
     return widths
 
