@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-quick install lint bench clean
+.PHONY: test test-quick demo up install lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,13 @@ test: $(STAMP) lint
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -x -q
+
+# The demo: starts the embedded stack if none runs, trains SmolLM2 with QAA (about 5 min), then a fake-IBM job.
+demo: $(STAMP)
+	$(BIN)/qaa demo
+
+up: $(STAMP)
+	$(BIN)/qaa up
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/exact_engine.py

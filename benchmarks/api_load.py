@@ -1,5 +1,12 @@
-"""API under load: 50 concurrent clients submit jobs and poll them for 30 s against a live `qaa api` on PostgreSQL
-and Redis (no worker: this measures the API, the store and the broker, not training).
+"""API under load: 50 concurrent clients submit jobs and poll them against a live `qaa api` on PostgreSQL and
+Redis (no worker: this measures the API, the store and the broker, not training).
+
+Two phases, one API process:
+- `load` (the target): each client is a user with its own key, polling its jobs every `--interval` seconds
+  (1 s: what `qaa-client watch` does; the dashboard polls every 2 s) and submitting a new job every
+  `--submit-every` polls, for `--seconds`. Keys `requests`, `errors`, `p50_ms`, `p99_ms`, `api_rss_mb`.
+- `saturation`: the same clients with no pause at all, for `--saturate-seconds`: the most requests per second
+  one API process serves here (`saturation.rps`), and the latency once requests queue behind each other.
 
     python benchmarks/api_load.py [--clients 50] [--seconds 30]   # writes benchmarks/results/api_load.json
 
@@ -13,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -48,14 +56,25 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-async def _client(http: httpx.AsyncClient, deadline: float, lat: dict[str, list[float]], errors: list[str]) -> None:
+async def _client(
+    http: httpx.AsyncClient,
+    key: str,
+    deadline: float,
+    pause: float,
+    submit_every: int,
+    lat: dict[str, list[float]],
+    errors: list[str],
+) -> None:
+    headers = {"Authorization": f"Bearer {key}"}
     job_ids: list[str] = []
+    polls = 0
+    await asyncio.sleep(random.uniform(0, pause))  # users arrive spread over one interval, not in one instant
     while time.monotonic() < deadline:
-        route, call = (
-            ("POST /v1/jobs", http.post("/v1/jobs", json=SPEC))
-            if len(job_ids) < 3
-            else ("GET /v1/jobs/{id}", http.get(f"/v1/jobs/{job_ids[len(lat['GET /v1/jobs/{id}']) % len(job_ids)]}"))
-        )
+        if not job_ids or polls % submit_every == submit_every - 1:
+            route, call = "POST /v1/jobs", http.post("/v1/jobs", json=SPEC, headers=headers)
+        else:
+            route, call = "GET /v1/jobs/{id}", http.get(f"/v1/jobs/{job_ids[polls % len(job_ids)]}", headers=headers)
+        polls += 1
         start = time.perf_counter()
         try:
             response = await call
@@ -67,23 +86,51 @@ async def _client(http: httpx.AsyncClient, deadline: float, lat: dict[str, list[
             errors.append(f"{route}: {response.status_code}")
         elif route.startswith("POST"):
             job_ids.append(response.json()["id"])
+        if pause:
+            await asyncio.sleep(pause)
 
 
-async def _load(url: str, key: str, clients: int, seconds: float) -> tuple[dict[str, list[float]], list[str]]:
+async def _load(
+    url: str, keys: list[str], seconds: float, pause: float, submit_every: int
+) -> tuple[dict[str, list[float]], list[str]]:
     lat: dict[str, list[float]] = {"POST /v1/jobs": [], "GET /v1/jobs/{id}": []}
     errors: list[str] = []
-    limits = httpx.Limits(max_connections=clients)
-    headers = {"Authorization": f"Bearer {key}"}
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=30) as http:
+    limits = httpx.Limits(max_connections=len(keys))
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
         deadline = time.monotonic() + seconds
-        await asyncio.gather(*(_client(http, deadline, lat, errors) for _ in range(clients)))
+        clients = (_client(http, key, deadline, pause, submit_every, lat, errors) for key in keys)
+        await asyncio.gather(*clients)
     return lat, errors
+
+
+def _summary(lat: dict[str, list[float]], errors: list[str], seconds: float) -> dict:
+    everything = [v for values in lat.values() for v in values]
+    return {
+        "requests": len(everything),
+        "rps": round(len(everything) / seconds, 1),
+        "errors": len(errors),
+        "error_kinds": sorted(set(errors))[:10],
+        "p50_ms": round(statistics.median(everything), 1),
+        "p99_ms": round(_percentile(everything, 0.99), 1),
+        "routes": {
+            route: {
+                "requests": len(v),
+                "p50_ms": round(statistics.median(v), 1),
+                "p99_ms": round(_percentile(v, 0.99), 1),
+            }
+            for route, v in lat.items()
+            if v
+        },
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--interval", type=float, default=1.0, help="Seconds between one client's requests.")
+    parser.add_argument("--submit-every", type=int, default=10, help="One submission per this many requests.")
+    parser.add_argument("--saturate-seconds", type=float, default=10)
     args = parser.parse_args()
 
     base = make_url(os.environ.get("QAA_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
@@ -109,14 +156,11 @@ def main() -> None:
     api = None
     try:
         subprocess.run([sys.executable, "-m", "workers.cli", "migrate"], env=env, check=True, capture_output=True)
-        made = subprocess.run(
-            [sys.executable, "-m", "workers.cli", "keys", "create", "load"],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        key = made.stdout.strip()  # `qaa keys create` prints the key alone on stdout
+        from service.store import Store, make_engine  # one key per client, as each client is a user
+
+        store = Store(make_engine(env["QAA_DATABASE_URL"]))
+        keys = [store.create_api_key(f"load-{i}")[1] for i in range(args.clients)]
+        store.close()
         api = subprocess.Popen(
             [sys.executable, "-m", "workers.cli", "api", f"--port={port}"],
             env=env,
@@ -130,8 +174,9 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        lat, errors = asyncio.run(_load(url, key, args.clients, args.seconds))
+        load = _summary(*asyncio.run(_load(url, keys, args.seconds, args.interval, args.submit_every)), args.seconds)
         rss = psutil.Process(api.pid).memory_info().rss / 2**20
+        saturation = _summary(*asyncio.run(_load(url, keys, args.saturate_seconds, 0, 30)), args.saturate_seconds)
     finally:
         if api:
             api.terminate()
@@ -140,26 +185,16 @@ def main() -> None:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
-    everything = [v for values in lat.values() for v in values]
     result = {
         "clients": args.clients,
         "seconds": args.seconds,
-        "requests": len(everything),
-        "errors": len(errors),
-        "error_kinds": sorted(set(errors))[:10],
-        "p50_ms": round(statistics.median(everything), 1),
-        "p99_ms": round(_percentile(everything, 0.99), 1),
-        "routes": {
-            route: {
-                "requests": len(v),
-                "p50_ms": round(statistics.median(v), 1),
-                "p99_ms": round(_percentile(v, 0.99), 1),
-            }
-            for route, v in lat.items()
-            if v
-        },
+        "interval_s": args.interval,
+        "submit_every": args.submit_every,
+        **load,
         "api_rss_mb": round(rss, 1),
-        "setup": "qaa api (uvicorn, 1 process) on PostgreSQL + Redis, no worker, clients in one asyncio process",
+        "saturation": {"seconds": args.saturate_seconds, **saturation},
+        "setup": "qaa api (uvicorn, 1 process) on PostgreSQL + Redis, no worker, clients in one asyncio process "
+        "on the same 2 cores, one API key per client",
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

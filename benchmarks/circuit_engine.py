@@ -1,14 +1,17 @@
 """One QAA layer step (n = 6, L = 2, M = 32 inputs, forward + backward for theta) on circuit backends.
 
 Compares (a) our circuit engine on Aer's exact estimator (one PUB per step), (b) qiskit-machine-learning's
-EstimatorQNN + TorchConnector with its parameter-shift gradient on the same Aer estimator, (c) the exact torch
-engine; then the same step on fake:FakeBrisbane (noisy, sampled) and at n = 10 with `embedding: direct`.
-Writes benchmarks/results/circuit_engine.json. Run: `.venv/bin/python benchmarks/circuit_engine.py`.
+EstimatorQNN + TorchConnector with its parameter-shift gradient on the same Aer estimator (the same simulator
+object, so the same options), (c) the exact torch engine; then the same step on fake:FakeBrisbane (noisy,
+sampled; also with every circuit simulated whole, for comparison) and at n = 10 with `embedding: direct`.
+Writes benchmarks/results/circuit_engine.json with the load average around the run (the ratios are measured side
+by side, so they are what to compare across machines). Run: `.venv/bin/python benchmarks/circuit_engine.py`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import tempfile
 import time
@@ -21,9 +24,7 @@ from circuits import QAAConfig, QAALayer
 from circuits.backends import environment
 
 M, LAYERS, N = 32, 2, 6
-PEER_INPUTS = (
-    4  # the peer runs one PUB per sample, observable and shift: timed on a fraction, scaled linearly
-)
+PEER_INPUTS = 4  # the peer runs one PUB per sample, observable and shift: timed on a fraction, scaled linearly
 OUT = Path(__file__).parent / "results" / "circuit_engine.json"
 
 
@@ -39,18 +40,18 @@ def _step_seconds(layer: QAALayer, x: torch.Tensor, repeats: int = 3) -> float:
     return min(times[1:])
 
 
-def _layer(n: int, repeats_ok: bool = True, **options) -> tuple[QAALayer, float]:
+def _layer(n: int, **options) -> tuple[QAALayer, float]:
     start = time.perf_counter()
-    layer = QAALayer(
-        nn.Linear(2**n, 2**n), QAAConfig(layers=LAYERS, input_grad="none", **options), name="q_proj"
-    )
+    layer = QAALayer(nn.Linear(2**n, 2**n), QAAConfig(layers=LAYERS, input_grad="none", **options), name="q_proj")
     with torch.no_grad():
         layer.up.weight.normal_(std=0.1)
     return layer, time.perf_counter() - start
 
 
-def _peer_seconds(x: torch.Tensor) -> float:
-    """EstimatorQNN + TorchConnector on the same template and the same Aer estimator, `PEER_INPUTS` inputs."""
+def _peer_seconds(x: torch.Tensor, simulator) -> float:
+    """EstimatorQNN + TorchConnector on the same template and the same Aer simulator as ours, `PEER_INPUTS`
+    inputs. The simulator's options (statevector, parameters bound at run time) do not change the peer's time:
+    it sends one parameter set per PUB."""
     from qiskit_aer.primitives import EstimatorV2
     from qiskit_machine_learning.connectors import TorchConnector
     from qiskit_machine_learning.gradients import ParamShiftEstimatorGradient
@@ -63,7 +64,7 @@ def _peer_seconds(x: torch.Tensor) -> float:
     params = {p.name: p for p in template.circuit.parameters}
     inputs = [params[f"x[{i}]"] for i in range(template.data_params)]
     weights = [params[f"theta[{i}]"] for i in range(template.theta_params)]
-    estimator = EstimatorV2(options={"default_precision": 0.0})
+    estimator = EstimatorV2.from_backend(simulator, options={"default_precision": 0.0})
     qnn = EstimatorQNN(
         circuit=template.circuit,
         observables=template.observables,
@@ -86,6 +87,7 @@ def main() -> None:
     x = torch.randn(M, 2**N)
     result: dict = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "load_average_before": [round(v, 2) for v in os.getloadavg()],
         "n": N,
         "layers": LAYERS,
         "inputs": M,
@@ -104,7 +106,7 @@ def main() -> None:
     exact, _ = _layer(N)
     result["exact_seconds"] = _step_seconds(exact, x, repeats=10)
 
-    peer = _peer_seconds(x)
+    peer = _peer_seconds(x, ours.engine.runner.simulator)
     result["peer_seconds"] = peer * M / PEER_INPUTS
     result["peer_note"] = (
         f"timed on {PEER_INPUTS} of {M} inputs ({peer:.1f} s) and scaled linearly: the peer "
@@ -115,16 +117,27 @@ def main() -> None:
 
     noisy, build = _layer(N, backend="fake:FakeBrisbane", gradient="parameter-shift")
     result["noisy_build_seconds"] = build
-    result["noisy_seconds"] = _step_seconds(noisy, x, repeats=1)
+    result["noisy_seconds"] = _step_seconds(noisy, x, repeats=2)
     result["noisy_shots"] = noisy.config.effective_shots()
+    result["noisy_width"] = noisy.engine.isa.num_qubits
+    result["noisy_method"] = noisy.engine.runner.simulator.options.method
+    split = noisy.engine.split
+    result["noisy_gates_whole"] = len(noisy.engine.isa.data)
+    result["noisy_gates_per_row"] = None if split is None else len(split.suffix.data)
     sampled, _ = _layer(N, backend="aer", gradient="parameter-shift", shots=noisy.config.effective_shots())
-    result["noiseless_sampled_seconds"] = _step_seconds(sampled, x, repeats=1)
+    result["noiseless_sampled_seconds"] = _step_seconds(sampled, x, repeats=2)
+    noisy.engine.split = None  # every circuit simulated whole: what sharing the preparation saves
+    result["noisy_unshared_seconds"] = _step_seconds(noisy, x, repeats=1)
+    noisy.engine.split = split
     result["noisy_over_noiseless"] = result["noisy_seconds"] / result["noiseless_sampled_seconds"]
+    result["noisy_unshared_over_noiseless"] = result["noisy_unshared_seconds"] / result["noiseless_sampled_seconds"]
     result["noisy_over_ours"] = result["noisy_seconds"] / result["ours_seconds"]
     result["noisy_note"] = (
-        "noisy_over_noiseless: fake:FakeBrisbane (runtime local testing mode, 4096 shots, noise "
-        "of the used qubits only) over the same step sampled noiselessly on Aer with the same "
-        "shots; noisy_over_ours: over the exact-expectation step"
+        "noisy_over_noiseless: fake:FakeBrisbane (runtime local testing mode, 4096 shots, noise of the used "
+        "qubits only, density matrix fused) over the same step sampled noiselessly on Aer with the same shots. "
+        "Each input's noisy preparation is simulated once and its 2P + 1 rows run the rest of the same ISA "
+        "circuit from that density matrix (circuits/backends/prefix.py: the same distribution, checked to 1e-12); "
+        "noisy_unshared_seconds runs every circuit whole. noisy_over_ours: over the exact-expectation step"
     )
 
     x10 = torch.randn(M, 2**10)
@@ -134,6 +147,7 @@ def main() -> None:
     exact10, _ = _layer(10)
     result["exact_10q_seconds"] = _step_seconds(exact10, x10, repeats=5)
     result["gpu"] = None if not torch.cuda.is_available() else "not measured by this script version"
+    result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
 
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")

@@ -42,12 +42,8 @@ class Step:
 
     rows: Rows
     m: int
-    theta_jac: (
-        tuple[np.ndarray, np.ndarray, np.ndarray] | None
-    )  # plus rows [M, P'], minus rows, coefficients [M,P',P]
-    data_jac: (
-        tuple[np.ndarray, np.ndarray, np.ndarray] | None
-    )  # plus rows [M, D'], minus rows, coefficients [M,D',D]
+    theta_jac: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # plus rows [M, P'], minus rows, coefficients [M,P',P]
+    data_jac: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # plus rows [M, D'], minus rows, coefficients [M,D',D]
 
     def recombine(self, values: np.ndarray):
         """(r [M, k], dr/dtheta [M, k, P] or None, dr/ddata [M, k, D] or None) from row values [B, k]."""
@@ -82,9 +78,7 @@ def plan_step(
     weights = [np.ones(m)]
     count = m
 
-    def add(
-        new_data: np.ndarray | None, new_theta: np.ndarray, weight: np.ndarray | None = None
-    ) -> np.ndarray:
+    def add(new_data: np.ndarray | None, new_theta: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
         """Append rows [M, J, ...] and return their row indices [M, J]."""
         nonlocal count
         rows_m, rows_j = new_theta.shape[:2]
@@ -126,9 +120,7 @@ def plan_step(
             th = np.broadcast_to(theta, (m, d, p))
             plus, minus = add(pts_plus, th, w_plus), add(pts_minus, th, w_minus)
             data_jac = (plus, minus, np.broadcast_to(0.5 * eye, (m, d, d)))
-    rows = Rows(
-        np.concatenate(points), np.concatenate(thetas), np.concatenate(which), np.concatenate(weights)
-    )
+    rows = Rows(np.concatenate(points), np.concatenate(thetas), np.concatenate(which), np.concatenate(weights))
     return Step(rows, m, theta_jac, data_jac)
 
 

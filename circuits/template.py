@@ -54,9 +54,7 @@ def _render(circuit: QuantumCircuit, gates: tuple[Gate, ...] | list[Gate], param
 
 
 @lru_cache(maxsize=64)
-def build_template(
-    n: int, layers: int, entangler: str, readout: str, embedding: str, measured: bool
-) -> Template:
+def build_template(n: int, layers: int, entangler: str, readout: str, embedding: str, measured: bool) -> Template:
     """The template of one adapter shape; `embedding: direct` leaves out the preparation (state is set)."""
     ansatz = ansatz_gates(n, layers, entangler)
     prep = embedding_gates(n) if embedding == "gates" else ()

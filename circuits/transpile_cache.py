@@ -62,12 +62,8 @@ class TranspileCache:
         return isa, False
 
 
-def transpile(
-    circuit: QuantumCircuit, backend, optimization_level: int, seed: int, compact: bool
-) -> QuantumCircuit:
-    pm = generate_preset_pass_manager(
-        optimization_level=optimization_level, backend=backend, seed_transpiler=seed
-    )
+def transpile(circuit: QuantumCircuit, backend, optimization_level: int, seed: int, compact: bool) -> QuantumCircuit:
+    pm = generate_preset_pass_manager(optimization_level=optimization_level, backend=backend, seed_transpiler=seed)
     isa = pm.run(circuit)
     n = circuit.num_qubits
     initial = isa.layout.initial_index_layout()[:n] if isa.layout else list(range(n))

@@ -6,25 +6,33 @@ and torch, transformers and qiskit are never imported by the API process.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from service import queueing
 from service.api import datasets, jobs, system
 from service.api.prometheus import LatencyMiddleware, StoreCollector, new_registry
 from service.auth import ensure_local_key
-from service.problems import install_handlers
+from service.problems import install_handlers, problem_response
+from service.ratelimit import TokenBucket
 from service.settings import Settings, get_settings
 from service.spec import JobSpec
 from service.store import Store
 
+log = logging.getLogger("qaa.api")
+
+#: Seconds a client is asked to wait while the job store is unreachable (PostgreSQL restarting, failing over).
+STORE_RETRY_AFTER_S = 5
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
 TITLE = "QAA training service"
 VERSION = "0.1.0"
@@ -52,11 +60,15 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.settings = settings
     app.state.store = store
     app.state.backends = None
+    app.state.submit_limiter = TokenBucket(settings.submit_rate_per_minute, settings.submit_burst)
     registry, latency = new_registry()
     registry.register(StoreCollector(lambda: app.state.store, queueing.queue_depths))
     app.state.registry = registry
     app.add_middleware(LatencyMiddleware, histogram=latency)
     install_handlers(app)
+    for error in (OperationalError, InterfaceError, PoolTimeout):
+        app.add_exception_handler(error, _store_unavailable)
+    app.add_exception_handler(DataError, _unstorable_value)
     for module in (jobs, datasets, system):
         app.include_router(module.router)
 
@@ -67,6 +79,20 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.mount("/dashboard", StaticFiles(directory=DASHBOARD_DIR), name="dashboard")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The store is down or restarting: a 503 the client may retry (like `/readyz`), not an internal error."""
+    log.warning("job store unavailable on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+    detail = f"the job store is unavailable; retry in {STORE_RETRY_AFTER_S} s"
+    return problem_response(503, detail, headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
+
+
+async def _unstorable_value(request: Request, exc: Exception) -> JSONResponse:
+    """A value the database refuses (PostgreSQL: a NUL character in text). The transaction rolled back, so
+    nothing changed; the database's message is not echoed (it may quote the value)."""
+    log.info("value refused by the job store on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+    return problem_response(400, "the request holds a value the job store cannot keep (e.g. a NUL character)")
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

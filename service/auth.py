@@ -44,16 +44,32 @@ def credentials_path(settings: Settings) -> Path:
 def ensure_local_key(store: Store, settings: Settings) -> Path | None:
     """Embedded default only (no `QAA_DATABASE_URL`): when the store holds no key at all, make one for
     owner `local` and write it with the server's URL to `QAA_HOME/credentials` (mode 0600), where
-    `qaa-client` looks. Returns the file written, or None when nothing was needed. Production deployments
-    make keys with `qaa keys create OWNER`.
+    `qaa-client` looks; on later starts, keep the file's URL current (a restart on another port).
+    Returns the file written, or None when nothing was needed. Production deployments make keys with
+    `qaa keys create OWNER`.
     """
-    if settings.database_url is not None or store.list_api_keys():
+    if settings.database_url is not None:
         return None
-    _, plaintext = store.create_api_key(LOCAL_OWNER, label="embedded default")
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = f"http://{host}:{settings.port}"
     path = credentials_path(settings)
-    write_credentials(path, f"http://{host}:{settings.port}", plaintext)
+    if store.list_api_keys():
+        return _update_url(path, url)
+    _, plaintext = store.create_api_key(LOCAL_OWNER, label="embedded default")
+    write_credentials(path, url, plaintext)
     log.info("created an API key for owner %r; it is in %s", LOCAL_OWNER, path)
+    return path
+
+
+def _update_url(path: Path, url: str) -> Path | None:
+    """Point an existing credentials file at `url`, keeping its key; a missing or foreign file is left alone."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or not isinstance(saved.get("api_key"), str) or saved.get("url") == url:
+        return None
+    write_credentials(path, url, saved["api_key"])
     return path
 
 

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the API binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API binds to.")
     max_upload_bytes: int = Field(64 * 2**20, ge=1, description="Largest dataset upload accepted (bytes).")
+    # Job submissions per API key: a token bucket refilled at `submit_rate_per_minute`, holding `submit_burst`.
+    submit_rate_per_minute: float = Field(
+        60, ge=0, description="Job submissions per API key per minute (POST /v1/jobs); 0 turns the limit off."
+    )
+    submit_burst: int = Field(20, ge=1, description="Submissions a key may make at once before the rate applies.")
     # A worker holds a job through a lease it renews every `heartbeat_seconds`; a lease left to expire
     # (worker crashed) lets another worker claim the job. The gap tolerates clock skew and GC pauses.
     lease_seconds: int = Field(60, ge=2, description="How long a job lease lasts without a heartbeat.")
@@ -34,6 +39,12 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="Claims of one job before it fails as 'worker lost'.")
     resend_after_seconds: int = Field(
         300, ge=1, description="The reconciler re-sends a queued job's message when it is older than this."
+    )
+    worker_memory_mb: int | None = Field(
+        None,
+        ge=256,
+        description="Data memory (MiB, RLIMIT_DATA) a job-running worker process may use; a job past it fails "
+        "with an out-of-memory error instead of the kernel killing the worker. Unset: no bound.",
     )
 
     @model_validator(mode="after")

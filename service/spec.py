@@ -252,9 +252,7 @@ class QuantumOptions(_Strict):
         if v is None:
             return "exact" if backend == "exact" else "parameter-shift"
         if v == "exact" and backend != "exact":
-            raise ValueError(
-                f"gradient 'exact' needs backend 'exact'; {backend!r} takes 'parameter-shift' or 'spsa'"
-            )
+            raise ValueError(f"gradient 'exact' needs backend 'exact'; {backend!r} takes 'parameter-shift' or 'spsa'")
         return v
 
     @field_validator("embedding")
@@ -357,6 +355,13 @@ class JobSpec(_Strict):
     @classmethod
     def _model_syntax(cls, v: str) -> str:
         return check_model_ref(v)
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, v: str | None) -> str | None:
+        if v is not None and not v.isprintable():  # a label shown in tables and logs: no NULs or line breaks
+            raise ValueError("name must not contain control characters or line breaks")
+        return v
 
     @field_validator("dataset")
     @classmethod

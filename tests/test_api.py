@@ -200,6 +200,12 @@ def test_first_start_writes_a_private_credentials_file_once(api):
         assert [k.owner for k in again.app.state.store.list_api_keys()] == ["local"]
     assert json.loads(path.read_text()) == creds
 
+    moved = settings.model_copy(update={"port": settings.port + 1})
+    with TestClient(create_app(moved)):  # a restart on another port keeps the key and names the new port
+        pass
+    assert json.loads(path.read_text()) == {**creds, "url": f"http://127.0.0.1:{settings.port + 1}"}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
 
 def test_dashboard_is_served_without_any_cdn(api):
     page = api.get("/")

@@ -84,9 +84,7 @@ def test_new_process_reuses_the_disk_cache(tmp_path):
     ]
     assert runs[0]["transpile_misses"] == 1
     assert (runs[1]["transpile_misses"], runs[1]["transpile_hits"]) == (0, 1)
-    assert list((tmp_path / "cache" / "transpile").glob("*.qpy")) and list(
-        (tmp_path / "cache" / "noise").glob("*")
-    )
+    assert list((tmp_path / "cache" / "transpile").glob("*.qpy")) and list((tmp_path / "cache" / "noise").glob("*"))
 
 
 def test_estimate_and_backend_listing_import_no_torch_or_qiskit():

@@ -18,9 +18,7 @@ def _layer_pair(n: int, **options) -> tuple[QAALayer, QAALayer]:
     torch.manual_seed(n)
     base = nn.Linear(2**n, 5)
     exact = QAALayer(base, QAAConfig(layers=2), name="q_proj")
-    circuit = QAALayer(
-        base, QAAConfig(layers=2, backend="aer", gradient="parameter-shift", **options), name="q_proj"
-    )
+    circuit = QAALayer(base, QAAConfig(layers=2, backend="aer", gradient="parameter-shift", **options), name="q_proj")
     with torch.no_grad():
         exact.up.weight.normal_()
         circuit.up.weight.copy_(exact.up.weight)
@@ -78,8 +76,4 @@ def test_padding_and_zero_input_give_no_nan():
     x = torch.zeros(2, 6, requires_grad=True)
     out = circuit(x)
     out.sum().backward()
-    assert (
-        torch.equal(out, base(x))
-        and torch.isfinite(x.grad).all()
-        and torch.isfinite(circuit.theta.grad).all()
-    )
+    assert torch.equal(out, base(x)) and torch.isfinite(x.grad).all() and torch.isfinite(circuit.theta.grad).all()

@@ -24,9 +24,7 @@ def _layer():
 def test_no_token_fails_immediately(env):
     env(ibm_token=None)
     start = time.monotonic()
-    with pytest.raises(
-        BackendUnavailable, match="ibm:ibm_torino.*needs an IBM Quantum API token.*QAA_IBM_TOKEN"
-    ):
+    with pytest.raises(BackendUnavailable, match="ibm:ibm_torino.*needs an IBM Quantum API token.*QAA_IBM_TOKEN"):
         _layer()
     assert time.monotonic() - start < 1
 

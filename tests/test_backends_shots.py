@@ -40,9 +40,7 @@ def test_aer_shots_within_four_sigma_and_gradients_within_bound():
     r, jac, _ = _evaluate(
         get_engine(QAAConfig(layers=2, backend="aer", gradient="parameter-shift", shots=SHOTS), N), z, theta
     )
-    ref, ref_jac, _ = _evaluate(
-        get_engine(QAAConfig(layers=2, backend="aer", gradient="parameter-shift"), N), z, theta
-    )
+    ref, ref_jac, _ = _evaluate(get_engine(QAAConfig(layers=2, backend="aer", gradient="parameter-shift"), N), z, theta)
     exact = ExactEngine(QAAConfig(layers=2), N)(torch.from_numpy(z).float(), torch.from_numpy(theta).float())
     assert np.allclose(ref, exact.numpy(), atol=1e-5)
     assert (np.abs(r - ref) < 4 * _sigma(ref)).all()
@@ -52,21 +50,15 @@ def test_aer_shots_within_four_sigma_and_gradients_within_bound():
 
 def test_fake_backend_matches_its_noise_model_and_differs_from_noiseless():
     z, theta = _inputs()
-    fake = get_engine(
-        QAAConfig(layers=2, backend="fake:FakeManilaV2", gradient="parameter-shift", shots=SHOTS), N
-    )
+    fake = get_engine(QAAConfig(layers=2, backend="fake:FakeManilaV2", gradient="parameter-shift", shots=SHOTS), N)
     r, _, _ = _evaluate(fake, z, theta)
     # the same ISA circuit under the same noise through Aer's own sampler, with 10x the shots
     reference = get_engine(
-        QAAConfig(
-            layers=2, backend="aer", gradient="parameter-shift", noise="FakeManilaV2", shots=10 * SHOTS
-        ),
+        QAAConfig(layers=2, backend="aer", gradient="parameter-shift", noise="FakeManilaV2", shots=10 * SHOTS),
         N,
     )
     ref, _, _ = _evaluate(reference, z, theta)
     assert (np.abs(r - ref) < 4 * _sigma(ref) * np.sqrt(1.1)).all()
-    noiseless, _, _ = _evaluate(
-        get_engine(QAAConfig(layers=2, backend="aer", gradient="parameter-shift"), N), z, theta
-    )
+    noiseless, _, _ = _evaluate(get_engine(QAAConfig(layers=2, backend="aer", gradient="parameter-shift"), N), z, theta)
     assert np.abs(ref - noiseless).max() > 10 * _sigma(noiseless).max()
     assert fake.isa.num_qubits <= 5 and len(fake.isa.metadata["qaa_physical"]) == fake.isa.num_qubits

@@ -100,7 +100,7 @@ def write_lines(path, lines):
     ("line", "message"),
     [
         ('{"prompt": "a", "completion": "b"', "line 3: not valid JSON"),
-        ('["a", "b"]', "line 3: expected a JSON object, got list"),
+        ('["a", "b"]', "line 3: each line must be a JSON object, got list"),
         ('{"prompt": "a"}', "line 3: 'completion' must be a non-empty string"),
         ('{"prompt": " ", "completion": "b"}', "line 3: 'prompt' must be a non-empty string"),
     ],

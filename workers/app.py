@@ -14,13 +14,14 @@ import logging
 import os
 import socket
 
-from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
+from celery.exceptions import Reject
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from service import queueing
 from service.settings import get_settings
 from service.store import Store, migrate
 from workers.reconciler import Reconciler
-from workers.tasks import run_train
+from workers.tasks import RELEASED, SHUTTING_DOWN, run_train
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,21 @@ def worker_id() -> str:
 
 @app.task(name=queueing.TRAIN_TASK, ignore_result=True)
 def train(job_id: str) -> str:
-    """Run job `job_id` (see `workers.tasks.run_train`); never raises, so the worker keeps serving."""
+    """Run job `job_id` (see `workers.tasks.run_train`); never raises, so the worker keeps serving.
+
+    A worker shutting down takes no new job, and a job it handed back: either way the message is requeued
+    (`Reject`, with `acks_late`) for the next worker, instead of being acknowledged and lost.
+    """
+    if SHUTTING_DOWN.is_set():
+        raise Reject("this worker is shutting down", requeue=True)
     try:
-        return run_train(job_id, worker_store(), get_settings(), worker_id())
+        outcome = run_train(job_id, worker_store(), get_settings(), worker_id())
     except Exception:  # e.g. the store is down at claim time: the job stays queued and is re-sent later
         log.exception("job %s: the task failed before the job could be ended", job_id)
         return "error"
+    if outcome == RELEASED:
+        raise Reject("job handed back at shutdown", requeue=True)
+    return outcome
 
 
 @worker_init.connect
@@ -62,6 +72,13 @@ def _start_reconciler(**_: object) -> None:
     global _reconciler
     _reconciler = Reconciler(worker_store(), get_settings())
     _reconciler.start()
+
+
+@worker_shutting_down.connect
+def _release_running_job(**_: object) -> None:
+    """SIGTERM/SIGINT (warm shutdown): the running job stops at its next step and goes back to its queue,
+    instead of the worker waiting for it to finish. With `--concurrency` > 1 the children finish their jobs."""
+    SHUTTING_DOWN.set()
 
 
 @worker_shutdown.connect

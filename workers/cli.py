@@ -1,4 +1,4 @@
-"""`qaa`: the server-side commands (worker, API, API keys, migrations).
+"""`qaa`: the server-side commands (up, demo, worker, API, API keys, migrations).
 
 It lives in `workers/` because `qaa worker` needs the worker's Celery app and `service/` must not import
 `workers`. Each command imports what it needs when it runs, so `qaa keys list` never loads torch.
@@ -28,6 +28,7 @@ def worker(
     queues: str = typer.Option(",".join(QUEUES), help="Queues to serve, comma-separated."),
     concurrency: int = typer.Option(1, min=1, max=64, help="Jobs run at once (one process each)."),
     loglevel: str = typer.Option("INFO", help="Celery log level."),
+    name: str = typer.Option(None, help="Celery node name, e.g. gpu1@%h (distinct names for workers on one host)."),
 ) -> None:
     """Start a Celery worker (and its reconciler thread).
 
@@ -50,8 +51,85 @@ def worker(
             "--without-mingle",
             "--without-gossip",
             "--without-heartbeat",
+            *([f"--hostname={name}"] if name else []),
         ]
     )
+
+
+def _set_address(host: str | None, port: int | None):
+    """Flags win over `QAA_HOST`/`QAA_PORT`, here and in every child process; the settings after that."""
+    import os
+
+    from service.settings import get_settings
+
+    if host:
+        os.environ["QAA_HOST"] = host
+    if port:
+        os.environ["QAA_PORT"] = str(port)
+    get_settings.cache_clear()
+    return get_settings()
+
+
+@app.command()
+def up(
+    workers: int = typer.Option(1, min=1, max=32, help="Worker processes (one job at a time each)."),
+    queues: str = typer.Option(",".join(QUEUES), help="Queues the workers serve, comma-separated."),
+    host: str = typer.Option(None, help="Address the API binds to (default: QAA_HOST)."),
+    port: int = typer.Option(None, help="API port (default: QAA_PORT)."),
+    grace: float = typer.Option(60, min=0, help="Seconds to wait for a clean stop before killing."),
+) -> None:
+    """Start the API and worker(s) together; Ctrl-C stops them all (running jobs resume at the next start)."""
+    import signal
+    import time
+
+    from service.auth import credentials_path
+    from workers.stack import POLL_S, Stack, StackError, describe
+
+    names = ",".join(parse_queues(queues))
+    settings = _set_address(host, port)
+    signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, systemd: stop as cleanly as on Ctrl-C
+    stack = Stack(settings, workers=workers, queues=names)
+    try:
+        stack.start()
+        typer.echo(f"QAA is up: dashboard {stack.url}/")
+        if settings.database_url is None:
+            typer.echo(f"  API key:  {credentials_path(settings)} (qaa-client reads it)")
+        for label, value in describe(settings).items():
+            typer.echo(f"  {label + ':':9} {value}")
+        typer.echo(f"  workers:  {workers} on queues {names}")
+        typer.echo("Ctrl-C stops everything; running jobs resume at the next start.")
+        while True:
+            time.sleep(POLL_S)
+            stack.check()
+    except KeyboardInterrupt:
+        typer.echo("stopping: workers hand their jobs back, then the API ...", err=True)
+        stack.stop(grace)
+        typer.echo("stopped", err=True)
+    except StackError as exc:
+        typer.echo(f"qaa up: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        stack.stop(grace=5)  # a no-op when already stopped
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def demo(
+    spec: str = typer.Option("examples/demo.yaml", help="The main demo job."),
+    hardware_spec: str = typer.Option("examples/fake-manila.yaml", help="The hardware-path job (fake backend)."),
+    plot: str = typer.Option("demo-loss.png", help="Where to save the loss curve."),
+) -> None:
+    """Run the demo: start the stack if none runs, train SmolLM2 with QAA, then a job on a fake IBM device."""
+    import signal
+    from pathlib import Path
+
+    from workers.demo import run_demo
+
+    signal.signal(signal.SIGTERM, _interrupt)  # a stack the demo started is stopped on SIGTERM too
+    raise typer.Exit(run_demo(Path(spec), Path(hardware_spec), Path(plot)))
 
 
 @app.command()
@@ -60,19 +138,10 @@ def api(
     port: int = typer.Option(None, help="Port (default: QAA_PORT)."),
 ) -> None:
     """Serve the REST API and dashboard (uvicorn, `service.app:app`)."""
-    import os
-
     import uvicorn
 
-    from service.settings import get_settings
-
-    # The app reads the address from settings too (it writes the URL into the credentials file): flags win there.
-    if host:
-        os.environ["QAA_HOST"] = host
-    if port:
-        os.environ["QAA_PORT"] = str(port)
-    get_settings.cache_clear()
-    settings = get_settings()
+    # The app reads the address from settings too (it writes the URL into the credentials file).
+    settings = _set_address(host, port)
     uvicorn.run("service.app:app", host=settings.host, port=settings.port)
 
 

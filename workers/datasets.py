@@ -14,12 +14,13 @@ Example:
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from service.jsonl import JsonlLineError, read_examples
 
 RESTAURANTS_SEED = 2023
 RESTAURANTS_SIZES = {"train": 2000, "validation": 200, "test": 200}
@@ -138,30 +139,15 @@ def restaurants(seed: int = RESTAURANTS_SEED, sizes: dict[str, int] | None = Non
 
 def read_jsonl(path: Path) -> list[Example]:
     """Every `{prompt, completion}` line of `path`; `DatasetError` naming the first bad line. Blank lines skip."""
-    examples = []
     try:
         handle = path.open("rb")
     except OSError as exc:
         raise DatasetError(f"dataset file {str(path)!r} cannot be read: {exc.strerror}") from exc
     with handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"dataset {path.name}, line {number}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DatasetError(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-            if not isinstance(row, dict):
-                raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for key in ("prompt", "completion"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise DatasetError(f"{where}: {key!r} must be a non-empty string, got {row.get(key)!r:.80}")
-            examples.append(Example(row["prompt"], row["completion"]))
+        try:
+            examples = [Example(prompt, completion) for _, prompt, completion in read_examples(handle)]
+        except JsonlLineError as exc:
+            raise DatasetError(f"dataset {path.name}, {exc}") from exc
     if not examples:
         raise DatasetError(f"dataset {path.name} holds no examples")
     return examples

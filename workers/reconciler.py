@@ -6,11 +6,12 @@ safe: a job re-sent twice runs once (the lease), and settling is a conditional U
 
 What it re-sends (`Store.jobs_to_resend` picks jobs older than `resend_after_seconds` since their last send):
 - a `running` job whose worker's lease expired (the worker died; its message is unacknowledged or gone):
-  always, so another worker resumes it from its checkpoint;
-- a `queued` job only while its queue holds no waiting message. A message still waiting behind others is
-  not lost, and re-sending every waiting job each period would flood a long queue with duplicates; once the
-  queue drains, whatever is still `queued` has no message (lost in a broker restart, or never sent because
-  the broker was down at submission) and is sent.
+  at once, the first time, so another worker resumes it from its checkpoint;
+- a `queued` job, or an orphan already re-sent since its lease expired, only while its queue holds no
+  waiting message. A message still waiting behind others is not lost, and re-sending every waiting job each
+  period would flood a long queue with duplicates (an orphan behind 100 jobs was sent 166 times in a soak
+  run before this rule covered orphans too); once the queue drains, whatever is still waiting has no
+  message (lost in a broker restart, or never sent because the broker was down) and is sent.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from datetime import timedelta
 
 from service import queueing
 from service.settings import Settings
-from service.store import JobStatus, Store
+from service.store import Job, JobStatus, Store
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def reconcile_once(store: Store, settings: Settings) -> Reconciled:
         return done
     depths = queueing.queue_depths()
     for job in candidates:
-        if job.status == JobStatus.QUEUED and depths.get(job.queue, 0) > 0:
+        if _has_waiting_message(job) and depths.get(job.queue, 0) > 0:
             continue
         queueing.enqueue(job.id, job.queue)
         store.mark_enqueued(job.id)
@@ -49,6 +50,13 @@ def reconcile_once(store: Store, settings: Settings) -> Reconciled:
     if done.settled or done.resent:
         log.info("reconciler: settled %d job(s), re-sent %s", done.settled, done.resent or "none")
     return done
+
+
+def _has_waiting_message(job: Job) -> bool:
+    """Queued, or orphaned and re-sent after its lease expired: its message, if any, waits in the queue."""
+    if job.status == JobStatus.QUEUED:
+        return True
+    return job.enqueued_at is not None and job.lease_expires_at is not None and job.enqueued_at > job.lease_expires_at
 
 
 class Reconciler(threading.Thread):

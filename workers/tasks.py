@@ -11,12 +11,17 @@ which claims the job again and lets the trainer resume from its last checkpoint.
 - Failures: `JobError` (bad input: unknown model, malformed dataset, ...) ends the job `failed` with its
   message; any other exception ends it `failed` with a one-line `Type: message`, the traceback going only to
   the worker log. Nothing propagates: the worker serves the next job.
+- Clean shutdown (`SHUTTING_DOWN`, set when the worker is told to stop): the run stops at the next step
+  boundary after a checkpoint, and the job goes back to its queue (`Store.release_job`, and the task's
+  message is requeued, not acknowledged), so the next worker to start resumes it at once instead of waiting
+  for the lease to expire.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import resource
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -31,6 +36,10 @@ from workers.trainer import JobError, TrainingHooks, train
 log = logging.getLogger(__name__)
 
 MAX_ERROR_LINE = 2000
+#: `run_train`'s answer when it handed the job back: the task requeues its message rather than acknowledging it.
+RELEASED = "released"
+#: Set by the worker's shutdown signal (`workers.app`): running jobs stop at their next step and are released.
+SHUTTING_DOWN = threading.Event()
 
 
 class Lease:
@@ -82,7 +91,7 @@ class Lease:
         return self.live
 
     def should_continue(self, step: int) -> bool:
-        return self.renew()
+        return self.renew() and not SHUTTING_DOWN.is_set()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
@@ -157,8 +166,30 @@ def dataset_resolver(store: Store, owner: str):
     return resolve
 
 
+def bound_memory(limit_mb: int | None) -> None:
+    """Cap this process's data memory (RLIMIT_DATA) at `limit_mb` MiB, if set.
+
+    Without a bound, a job too big for the machine is killed by the kernel together with its worker, and
+    again on every worker it is re-sent to. With one, its allocation fails inside the job (torch raises),
+    the job fails with that message, the memory is freed and the worker serves the next job.
+    """
+    if limit_mb is not None:
+        limit = limit_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+
+
+def failure_message(exc: Exception, settings: Settings) -> str:
+    """The job's `error` for an unexpected exception; out-of-memory says which bound it hit."""
+    line = error_line(exc)
+    if isinstance(exc, MemoryError) or "can't allocate memory" in line or "out of memory" in line.lower():
+        bound = f"QAA_WORKER_MEMORY_MB={settings.worker_memory_mb}" if settings.worker_memory_mb else "the machine"
+        return f"out of memory (bound: {bound}); reduce batch_size, max_length or qubits. {line}"
+    return line
+
+
 def run_train(job_id: str, store: Store, settings: Settings, worker_id: str) -> str:
     """Run one job to its end; returns what happened (`skipped`, `lost`, or the final status)."""
+    bound_memory(settings.worker_memory_mb)
     job = store.claim_job(job_id, worker_id)
     if job is None:
         log.info("job %s: not claimable (finished, or held by a live worker); message dropped", job_id)
@@ -175,8 +206,11 @@ def run_train(job_id: str, store: Store, settings: Settings, worker_id: str) -> 
             return _finish(store, job_id, worker_id, lease, JobStatus.FAILED, error=str(exc) or error_line(exc))
         except Exception as exc:  # a bug or an environment problem: readable in the job, full in the log
             log.exception("job %s failed with an unexpected error", job_id)
-            return _finish(store, job_id, worker_id, lease, JobStatus.FAILED, error=error_line(exc))
+            error = failure_message(exc, settings)
+            return _finish(store, job_id, worker_id, lease, JobStatus.FAILED, error=error)
         if status == JobStatus.CANCELLED and not lease.cancel_requested:
+            if lease.ours and SHUTTING_DOWN.is_set():
+                return _release(store, job_id, worker_id, lease)
             log.warning("job %s: lease lost to another worker; leaving the job to it", job_id)
             return "lost"
         return _finish(store, job_id, worker_id, lease, status, evaluation=evaluation, usage=usage)
@@ -199,6 +233,14 @@ def _train(
     if lease.ours:
         register_artifacts(store, lease.job_id, run_dir, result.artifacts)
     return JobStatus(result.status), result.evaluation, result.usage
+
+
+def _release(store: Store, job_id: str, worker_id: str, lease: Lease) -> str:
+    """Hand the job back at a clean shutdown; the task then returns its message to the queue (`RELEASED`)."""
+    if not store.release_job(job_id, worker_id):
+        return "lost"
+    log.info("job %s: released at step %s for the next worker (shutting down)", job_id, lease.step)
+    return RELEASED
 
 
 def _finish(store: Store, job_id: str, worker_id: str, lease: Lease, status: JobStatus, **fields: Any) -> str:

@@ -22,6 +22,7 @@ Example (a few seconds on a CPU):
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import shutil
@@ -40,6 +41,8 @@ from workers import artifacts, checkpoints, evaluation
 from workers.datasets import DatasetError, Splits, collate, encode, load_splits
 from workers.methods import PreparedModel, prepare
 from workers.models import ModelError, load_model
+
+log = logging.getLogger(__name__)
 
 #: The validation examples whose loss is `eval_loss` (all of builtin:restaurants' 200).
 EVAL_LOSS_EXAMPLES = 200
@@ -207,6 +210,7 @@ class _Run:
         self.scheduler.load_state_dict(found.tensors["scheduler"])
         checkpoints.restore_rng(self.model, found.tensors, found.meta["rng"])
         self.history, self.step = found.meta["history"], found.step
+        log.info("resuming from the checkpoint at step %d", found.step)
 
     # --- the end ----------------------------------------------------------------------------------------
 

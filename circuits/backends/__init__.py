@@ -51,9 +51,7 @@ def get_engine(config: QAAConfig, n: int) -> Engine:
     if backend == "exact":
         return ExactEngine(config, n)
     if backend != "aer" and not backend.startswith(("fake:", "ibm:")):
-        raise ValueError(
-            f"unknown backend {backend!r}; available: exact, aer, fake:<FakeBackend>, ibm:<backend>"
-        )
+        raise ValueError(f"unknown backend {backend!r}; available: exact, aer, fake:<FakeBackend>, ibm:<backend>")
     from .circuit_engine import CircuitEngine
     from .environment import environment
 

@@ -5,6 +5,8 @@ Construction transpiles the template once (or finds it in the cache) and binds t
 computes the data angles (or, for `embedding: direct`, the unit state) in torch, hands them to the single
 autograd bridge (`shift.CircuitFunction`), and restores the norm: `||z|| * r`. Every row of a step goes out in
 one primitive call, split only at the runner's `max_bindings`; the counters in `usage` record what was sent.
+Rows that share a starting state go out as one PUB per state: `direct` sets each input's ideal state, and a
+density-matrix runner (`runner.shares_prefix`) simulates each input's noisy preparation once (`prefix`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..shift import CircuitFunction, plan_step
 from ..template import DATA, THETA, template_for
 from ..transpile_cache import TranspileCache, TranspileKey
 from .environment import BackendEnvironment
+from .prefix import prefix_states, split_prefix
 
 
 class CircuitEngine:
@@ -41,9 +44,7 @@ class CircuitEngine:
             config.seed,
             runner.compact,
         )
-        self.isa, hit = TranspileCache(env.cache_dir).get(
-            key, self.template.circuit, runner.transpile_backend
-        )
+        self.isa, hit = TranspileCache(env.cache_dir).get(key, self.template.circuit, runner.transpile_backend)
         self.usage.transpile_hits += int(hit)
         self.usage.transpile_misses += int(not hit)
         runner.bind(self.isa)
@@ -56,6 +57,7 @@ class CircuitEngine:
             initial = self.isa.metadata["qaa_initial"]
             j = np.arange(2**n)
             self.placement = sum(((j >> i) & 1) << q for i, q in enumerate(initial))
+        self.split = split_prefix(self.isa, THETA) if runner.shares_prefix and not self.direct else None
 
     def __call__(self, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         z = z.double()
@@ -89,7 +91,7 @@ class CircuitEngine:
         return step.recombine(self._execute(step.rows))
 
     def _execute(self, rows) -> np.ndarray:
-        """Values [B, k] of all rows: PUBs (one, or one per state for `direct`) split into primitive calls."""
+        """Values [B, k] of all rows: PUBs (one, or one per starting state) split into primitive calls."""
         if self.direct:
             groups = []
             for s in np.unique(rows.which):
@@ -98,7 +100,8 @@ class CircuitEngine:
                 groups.append((self._with_state(rows.data[s]), params, idx))
         else:
             params = np.concatenate([rows.data[rows.which], rows.theta], axis=1)[:, self.columns]
-            groups = [(self.isa, params, np.arange(len(rows.which)))]
+            everything = np.arange(len(rows.which))
+            groups = [(self.isa, params, everything)] if self.split is None else self._shared(rows.which, params)
         values = None
         for call in _split(groups, self.runner.max_bindings):
             outputs, qpu_seconds = self.runner.run([(c, p) for c, p, _ in call], self.template, self.isa)
@@ -112,6 +115,22 @@ class CircuitEngine:
         self.usage.circuits += count
         self.usage.shots += count * (self.runner.shots or 0)
         return values * rows.weight[:, None]
+
+    def _shared(self, which: np.ndarray, params: np.ndarray) -> list:
+        """One PUB per input used by several rows, run from its prepared density matrix (see `prefix`); rows
+        alone with their input (data-angle shifts) run the whole circuit in one more PUB."""
+        points, first, counts = np.unique(which, return_index=True, return_counts=True)
+        shared = counts > 1
+        groups = []
+        if shared.any():
+            states = prefix_states(self.runner.simulator, self.split, params[first[shared]])
+            for point, rho in zip(points[shared], states, strict=True):
+                idx = np.flatnonzero(which == point)
+                groups.append((self.split.start_from(rho), params[idx][:, self.split.suffix_columns], idx))
+        alone = np.flatnonzero(~np.isin(which, points[shared]))
+        if len(alone):
+            groups.append((self.isa, params[alone], alone))
+        return groups
 
     def _with_state(self, psi: np.ndarray) -> QuantumCircuit:
         """The ISA ansatz after the ideal state, placed on the qubits the layout gave the virtual ones."""

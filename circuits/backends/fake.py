@@ -3,7 +3,10 @@ mode.
 
 The circuit is transpiled for the fake device (coupling map, basis, calibrated layout), compacted to the
 qubits it uses, and sampled by the runtime's (executor-based) Sampler on an Aer simulator that carries the
-noise of exactly those physical qubits, with the method chosen by cost (`aer.choose_method`).
+noise of exactly those physical qubits, with the method chosen by cost (`aer.choose_method`) and tuned
+(`aer.tuned_options`). The simulator and noise model are built once per engine; with the density-matrix
+method and no `primitive_options` (twirling and dynamical decoupling rewrite the circuits), each input's noisy
+preparation is simulated once for all its rows (`prefix`).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from qiskit_aer import AerSimulator
 from ..config import QAAConfig
 from ..noise_cache import noise_model
 from ..template import Template
-from .aer import choose_method
+from .aer import choose_method, tuned_options
 from .environment import BackendEnvironment
+from .prefix import MAX_SHARED_WIDTH
 from .readout import bits_to_readout
 
 
@@ -62,17 +66,20 @@ class FakeRunner:
         self.transpile_backend = self.device
         self.shots = config.effective_shots()
         self.rng = np.random.default_rng(config.seed)
-        self.sampler = None
+        self.sampler = self.simulator = None
+        self.shares_prefix = False
 
     def bind(self, isa: QuantumCircuit) -> None:
         from qiskit_ibm_runtime.executor_sampler import Sampler
 
-        model = noise_model(
-            self.device, self.device.name, self.stamp, isa.metadata["qaa_physical"], self.env.cache_dir
-        )
+        model = noise_model(self.device, self.device.name, self.stamp, isa.metadata["qaa_physical"], self.env.cache_dir)
         method = self.config.method or choose_method(isa.num_qubits, self.shots, direct=False)
-        simulator = AerSimulator(noise_model=model, method=method, device=self.config.device)
-        self.sampler = Sampler(mode=simulator, options=self.config.primitive_options or None)
+        tuned = tuned_options(method, False, isa.num_qubits, self.config.device)
+        self.simulator = AerSimulator(noise_model=model, method=method, device=self.config.device, **tuned)
+        # primitive options (twirling, dynamical decoupling) would rewrite the whole circuit, prefix included
+        shareable = method == "density_matrix" and isa.num_qubits <= MAX_SHARED_WIDTH
+        self.shares_prefix = shareable and not self.config.primitive_options
+        self.sampler = Sampler(mode=self.simulator, options=self.config.primitive_options or None)
         self.sampler.options.default_shots = self.shots
 
     def run(self, pubs, template: Template, isa: QuantumCircuit) -> tuple[list[np.ndarray], float]:

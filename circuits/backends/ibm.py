@@ -39,9 +39,7 @@ def _with_deadline(fn, seconds: float, what: str):
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
-        raise BackendUnavailable(
-            f"IBM Quantum did not answer within {seconds:.0f} s ({what}); check the network"
-        )
+        raise BackendUnavailable(f"IBM Quantum did not answer within {seconds:.0f} s ({what}); check the network")
     if "error" in box:
         raise box["error"]
     return box["value"]
@@ -57,9 +55,7 @@ def _guarded(fn, env: BackendEnvironment, label: str):
     def call():
         from qiskit_ibm_runtime import QiskitRuntimeService
 
-        service = QiskitRuntimeService(
-            channel="ibm_quantum_platform", token=env.ibm_token, instance=env.ibm_instance
-        )
+        service = QiskitRuntimeService(channel="ibm_quantum_platform", token=env.ibm_token, instance=env.ibm_instance)
         return fn(service)
 
     try:
@@ -68,9 +64,7 @@ def _guarded(fn, env: BackendEnvironment, label: str):
         raise
     except Exception as exc:
         text = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-        if any(
-            word in text.lower() for word in ("unauthorized", "401", "403", "invalid", "api key", "token")
-        ):
+        if any(word in text.lower() for word in ("unauthorized", "401", "403", "invalid", "api key", "token")):
             raise BackendUnavailable(f"IBM Quantum rejected the API token ({label}): {text}") from None
         raise BackendUnavailable(f"cannot reach IBM Quantum ({label}): {text}") from None
 
@@ -102,6 +96,7 @@ def list_devices(env: BackendEnvironment) -> list[dict]:
 class IbmRunner:
     measured = True
     compact = False  # hardware runs the full-width ISA circuit
+    shares_prefix = False  # hardware runs every circuit whole
 
     def __init__(self, config: QAAConfig, env: BackendEnvironment, name: str):
         self.config = config

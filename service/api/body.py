@@ -35,6 +35,8 @@ async def read_json(request: Request, limit: int = MAX_SPEC_BYTES) -> Any:
         raise Problem(
             400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", line=exc.lineno
         ) from exc
+    except RecursionError:  # json.loads recurses once per level: thousands of nested [ or { overflow it
+        raise Problem(400, "the JSON nests too deeply") from None
 
 
 async def read_spec(request: Request) -> JobSpec:

@@ -38,7 +38,8 @@ def _llama(hidden: int, intermediate: int, blocks: int, per_token: tuple[float, 
     return ModelShape("model.layers", blocks, tuple((n, hidden) for n in names) + mlp, per_token)
 
 
-# Mirrors the configs in workers/models.py (the API may not import workers): tiny-llama hidden 64,
+# Mirrors the configs in workers/models.py (the API may not import workers; tests/test_cost_shapes.py checks
+# the mirror against the loaded models): tiny-llama hidden 64,
 # intermediate 128, 2 blocks; tiny-gpt2 n_embd 64 (MLP 4x), 2 blocks; SmolLM2-135M hidden 576,
 # intermediate 1536, 30 blocks (1.2-3 s per 4 x 64-token step with adapters).
 BUILTIN_SHAPES: dict[str, ModelShape] = {

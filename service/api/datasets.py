@@ -7,7 +7,6 @@ fully valid file is renamed into `QAA_HOME/datasets` and registered, so a refuse
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -17,13 +16,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from service.deps import CurrentOwner, SettingsDep, StoreDep
+from service.jsonl import JsonlLineError, read_examples
 from service.problems import Problem, problem_responses
 from service.schemas import DatasetOut
 from service.store import new_dataset_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problem_responses(401))
 
-REQUIRED_FIELDS = ("prompt", "completion")
 JSONL_BODY = {
     "requestBody": {
         "required": True,
@@ -35,32 +34,13 @@ JSONL_BODY = {
 }
 
 
-def _bad_line(number: int, message: str) -> Problem:
-    return Problem(400, f"line {number}: {message}", line=number)
-
-
 def check_jsonl(path: Path) -> int:
     """Count the examples in a JSONL file, or raise a 400 naming the first bad line. Blank lines are skipped."""
-    rows = 0
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise _bad_line(number, f"not UTF-8 ({exc.reason} at byte {exc.start})") from exc
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise _bad_line(number, f"not valid JSON ({exc.msg} at column {exc.colno})") from exc
-            if not isinstance(record, dict):
-                raise _bad_line(number, f"each line must be a JSON object, got {type(record).__name__}")
-            for key in REQUIRED_FIELDS:
-                value = record.get(key)
-                if not isinstance(value, str) or not value.strip():
-                    raise _bad_line(number, f"{key!r} must be a non-empty string, got {value!r:.80}")
-            rows += 1
+    try:
+        with path.open("rb") as f:
+            rows = sum(1 for _ in read_examples(f))
+    except JsonlLineError as exc:
+        raise Problem(400, str(exc), line=exc.line) from exc
     if rows == 0:
         raise Problem(400, "the upload holds no examples; send one JSON object per line", line=0)
     return rows

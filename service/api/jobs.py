@@ -18,6 +18,7 @@ from service.api.body import SPEC_BODY, read_spec
 from service.api.cost import EstimateError, spec_cost
 from service.deps import CurrentOwner, StoreDep
 from service.problems import Problem, field_problem, problem_responses
+from service.ratelimit import SubmitRateLimited
 from service.schemas import ArtifactOut, JobList, JobOut, JobStatusName, MetricsPage
 from service.spec import JobSpec
 from service.store import Job, Store
@@ -55,10 +56,12 @@ def owned_job(store: Store, job_id: str, owner: str) -> Job:
     "",
     status_code=201,
     openapi_extra=SPEC_BODY,
-    responses=problem_responses(400, 413, 422),
+    responses=problem_responses(400, 413, 422, 429),
     summary="Submit a job: validate the spec, store the job, queue it",
 )
-async def submit_job(request: Request, response: Response, store: StoreDep, owner: CurrentOwner) -> JobOut:
+async def submit_job(
+    request: Request, response: Response, store: StoreDep, owner: CurrentOwner, _rate: SubmitRateLimited
+) -> JobOut:
     spec = await read_spec(request)
     await run_in_threadpool(check_admissible, store, owner, spec)
     job = await run_in_threadpool(queueing.submit_job, store, owner, spec)

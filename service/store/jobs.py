@@ -114,9 +114,7 @@ class JobRepo(StoreBase):
             query = query.where(Job.status.in_(_statuses(status)))
         if cursor is not None:
             created, job_id = decode_cursor(cursor)
-            query = query.where(
-                or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id))
-            )
+            query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
         query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
         with self._read() as s:
             jobs = list(s.scalars(query))
@@ -233,6 +231,25 @@ class JobRepo(StoreBase):
                 values[key] = value
         with self._write() as s:
             return _update_held(s, job_id, worker_id, values)
+
+    def release_job(self, job_id: str, worker_id: str) -> bool:
+        """Give a running job back to the queue (its worker is shutting down cleanly); True if it was ours.
+
+        The attempt is returned too: a clean stop is not a failure, so it must not count towards
+        `max_attempts`. The caller sends the job's message again; the next run resumes from its checkpoint.
+        """
+        now = self._now()
+        values = {
+            "status": JobStatus.QUEUED,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "attempts": Job.attempts - 1,
+            "updated_at": now,
+        }
+        held = (Job.id == job_id, Job.lease_owner == worker_id, Job.status == JobStatus.RUNNING)  # not cancelling
+        with self._write() as s:
+            result = s.execute(update(Job).where(*held).values(**values).execution_options(synchronize_session=False))
+            return result.rowcount == 1
 
     def jobs_to_resend(self, older_than: timedelta, limit: int = 100) -> list[Job]:
         """Jobs whose task message may be lost, oldest first; the reconciler re-sends and `mark_enqueued`s.

@@ -1,0 +1,152 @@
+"""`qaa up` as a user runs it: one command, a tiny job through it, Ctrl-C, nothing left behind, nothing lost.
+
+The stack is the embedded default (SQLite store, no-server broker under a temporary `QAA_HOME`); the test
+reaches it the way `qaa-client` does, through the credentials file the API writes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+
+import httpx
+import psutil
+import pytest
+from stack import REPO, Services, free_port, wait_until
+
+from service.auth import LOCAL_OWNER
+
+UP_TIMEOUT = 180
+
+
+def tiny_spec(steps: int) -> dict:
+    return {
+        "name": "tiny-up",
+        "model": "builtin:tiny-llama",
+        "dataset": "builtin:restaurants",
+        "method": {"kind": "qaa", "target_modules": ["q_proj", "v_proj"]},
+        "training": {"steps": steps, "batch_size": 2, "max_length": 32, "eval_every": 0, "checkpoint_every": 5},
+        "evaluation": {"metrics": ["bleu"], "samples": 2, "max_new_tokens": 4},
+    }
+
+
+class Up:
+    """`qaa up` in the foreground of its own process group, as in a terminal."""
+
+    def __init__(self, services: Services, port: int, log_name: str):
+        self.log_path = services.home.parent / log_name
+        services.home.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("wb")
+        args = [sys.executable, "-m", "workers.cli", "up", f"--port={port}", "--grace=60"]
+        self.popen = subprocess.Popen(args, cwd=REPO, env=services.env(), stdout=self._log, stderr=subprocess.STDOUT)
+        self.descendants: list[psutil.Process] = []
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_up(self) -> dict:
+        def up() -> bool:
+            if self.popen.poll() is not None:
+                raise AssertionError(f"qaa up exited ({self.popen.returncode}):\n{self.output()}")
+            return "QAA is up" in self.output()
+
+        wait_until(up, UP_TIMEOUT, interval=0.2, what="qaa up")
+        self.descendants = psutil.Process(self.popen.pid).children(recursive=True)
+        return json.loads((self.log_path.parent / "qaa-home" / "credentials").read_text())
+
+    def interrupt(self) -> int:
+        """Ctrl-C, then the exit code once `qaa up` has stopped everything."""
+        self.popen.send_signal(signal.SIGINT)
+        try:
+            return self.popen.wait(timeout=90)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        for proc in [*self.descendants, psutil.Process(self.popen.pid)] if self.popen.poll() is None else []:
+            proc.kill()
+        self._log.close()
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_qaa_up_serves_runs_a_job_and_stops_cleanly_resuming_the_interrupted_job(tmp_path):
+    services = Services.embedded(tmp_path)
+    port = free_port()
+    steps = 150
+    first = Up(services, port, "up-1.log")
+    try:
+        creds = first.wait_up()
+        assert creds["url"] == f"http://127.0.0.1:{port}"
+        assert "dashboard http://127.0.0.1:" in first.output() and "credentials" in first.output()
+        assert len(first.descendants) >= 2  # the API and a worker
+        http = httpx.Client(base_url=creds["url"], headers={"Authorization": f"Bearer {creds['api_key']}"})
+        assert http.get("/readyz").status_code == 200
+
+        quick = http.post("/v1/jobs", json=tiny_spec(steps=3)).json()
+        wait_until(lambda: http.get(f"/v1/jobs/{quick['id']}").json()["status"] == "succeeded", 120, what="tiny job")
+
+        job = http.post("/v1/jobs", json=tiny_spec(steps=steps)).json()
+        wait_until(lambda: http.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"] >= 12, 120, what="12 steps")
+        assert first.interrupt() == 0, first.output()
+    finally:
+        first.kill()
+    assert alive(first.descendants) == [], "processes left behind after Ctrl-C"
+    assert "stopped" in first.output()
+
+    released = services.store().load_job(job["id"])
+    assert released.status == "queued" and released.attempts == 0  # handed back, the clean stop not counted
+    interrupted_at = max(p["step"] for p in services.store().metrics_after(job["id"]))
+    assert 12 <= interrupted_at < steps
+
+    second = Up(services, port, "up-2.log")
+    try:
+        creds = second.wait_up()
+        http = httpx.Client(base_url=creds["url"], headers={"Authorization": f"Bearer {creds['api_key']}"})
+        done = wait_until(
+            lambda: (body := http.get(f"/v1/jobs/{job['id']}").json())["status"] in ("succeeded", "failed") and body,
+            180,
+            what="the resumed job",
+        )
+        assert second.interrupt() == 0
+    finally:
+        second.kill()
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 1 and done["progress"] == {"step": steps, "steps": steps}
+    loss_steps = [p["step"] for p in services.store().metrics_after(job["id"]) if "loss" in p]
+    assert loss_steps == list(range(1, steps + 1))  # every step once, none lost
+    worker_log = (services.home / "logs" / "worker-1.log").read_text()
+    resumed = [int(n) for n in re.findall(r"resuming from the checkpoint at step (\d+)", worker_log)]
+    assert resumed == [interrupted_at]  # from the checkpoint the stop wrote, not from scratch
+    services.close()
+
+
+@pytest.mark.slow
+def test_qaa_demo_starts_a_stack_runs_both_jobs_and_leaves_nothing_behind(tmp_path):
+    """`qaa demo` (what `make demo` runs) with small jobs in place of the five-minute SmolLM2 one."""
+    services = Services.embedded(tmp_path)
+    services.home.mkdir(parents=True)
+    env = {**services.env(), "QAA_PORT": str(free_port())}
+    plot = tmp_path / "loss.png"
+    args = ["--spec=examples/tiny.yaml", "--hardware-spec=examples/fake-manila.yaml", f"--plot={plot}"]
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "demo", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
+    children: list[psutil.Process] = []
+    wait_until(lambda: children.extend(psutil.Process(demo.pid).children(recursive=True)) or children, 60)
+    out, _ = demo.communicate(timeout=400)
+    assert demo.returncode == 0, out
+    assert "starting one" in out and "evaluation" in out and "bleu" in out
+    usage = out[out.index("quantum usage") :]
+    assert re.search(r"circuits\s+│\s+[1-9]", usage) and re.search(r"shots\s+│\s+[1-9]", usage), usage
+    assert plot.stat().st_size > 10_000  # a PNG with a curve on it
+    assert alive(children) == []
+    jobs = services.store().list_jobs(LOCAL_OWNER).jobs
+    assert sorted(j.status for j in jobs) == ["succeeded", "succeeded"]
+    services.close()
