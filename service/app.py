@@ -20,7 +20,7 @@ from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from service import queueing
-from service.api import datasets, jobs, system
+from service.api import credentials, datasets, jobs, system
 from service.api.prometheus import LatencyMiddleware, StoreCollector, new_registry
 from service.auth import ensure_local_key
 from service.problems import install_handlers, problem_response
@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     for error in (OperationalError, InterfaceError, PoolTimeout):
         app.add_exception_handler(error, _store_unavailable)
     app.add_exception_handler(DataError, _unstorable_value)
-    for module in (jobs, datasets, system):
+    for module in (jobs, datasets, credentials, system):
         app.include_router(module.router)
 
     @app.get("/", include_in_schema=False)

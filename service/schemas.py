@@ -9,9 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from service.store import Artifact, Dataset, Job
+from service.store import Artifact, CredentialInfo, Dataset, Job
 
 JobStatusName = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
@@ -142,3 +142,41 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ok"]
     checks: dict[str, str]
+
+
+class IbmCredentialIn(BaseModel):
+    """An IBM Quantum API token (write-only: no answer ever holds it) and, optionally, the instance (CRN)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: SecretStr = Field(min_length=1, max_length=4096, description="IBM Quantum API key; never shown again.")
+    instance: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1000,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="IBM Quantum instance (CRN); unset: any instance the token can use.",
+    )
+
+    @field_validator("token")
+    @classmethod
+    def _printable(cls, v: SecretStr) -> SecretStr:
+        # The message must not quote the value (problem bodies never carry a validation error's input).
+        token = v.get_secret_value().strip()
+        if not token or any(ord(c) < 0x20 or ord(c) == 0x7F for c in token):
+            raise ValueError("the token must be non-empty text without control characters")
+        return SecretStr(token)
+
+
+class CredentialOut(BaseModel):
+    """A stored credential as its owner sees it: set or not, never its secret."""
+
+    kind: Literal["ibm"]
+    instance: str | None
+    set: Literal[True] = True
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_info(cls, info: CredentialInfo) -> CredentialOut:
+        return cls(kind=info.kind, instance=info.instance, created_at=info.created_at, updated_at=info.updated_at)

@@ -23,6 +23,11 @@ class Settings(BaseSettings):
         None, description="IBM Quantum API token for `ibm:` backends (workers only)."
     )
     ibm_instance: str | None = Field(None, description="IBM Quantum instance (CRN) for `ibm:` backends.")
+    secret_key: SecretStr | None = Field(
+        None,
+        description="Key (32+ characters) encrypting the IBM tokens users store; the API and every worker need "
+        "the same one. Embedded default: made once in `home/secret_key`. Unset in production: tokens are refused.",
+    )
 
     host: str = Field("127.0.0.1", description="Address the API binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API binds to.")

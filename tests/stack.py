@@ -113,7 +113,7 @@ def truncate_store(url: str) -> None:
 
     engine = make_engine(url, poolclass=NullPool)
     with engine.begin() as conn:
-        conn.exec_driver_sql("TRUNCATE metric_points, artifacts, jobs, datasets, api_keys CASCADE")
+        conn.exec_driver_sql("TRUNCATE metric_points, artifacts, jobs, datasets, api_keys, credentials CASCADE")
     engine.dispose()
 
 

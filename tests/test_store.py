@@ -36,7 +36,7 @@ from service.store import (
 )
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-TABLES = ("metric_points", "artifacts", "jobs", "datasets", "api_keys")
+TABLES = ("metric_points", "artifacts", "jobs", "datasets", "api_keys", "credentials")
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 

@@ -133,6 +133,25 @@ def demo(
 
 
 @app.command()
+def bench(
+    url: str = typer.Option(None, help="A running server (key: QAA_API_KEY or credentials); default: start one."),
+    quick: bool = typer.Option(False, help="Minutes-long smoke version: tiny Llama, few steps, one seed."),
+    seeds: int = typer.Option(None, min=1, help="Seeds of the five headline rows (variants run seed 0)."),
+    steps: int = typer.Option(None, min=1, help="Training steps of every row but the hardware pair."),
+    samples: int = typer.Option(None, min=1, help="Test examples generated and scored per job."),
+    out: str = typer.Option("benchmarks/results", help="Folder for methods.json, methods.md, loss_curves.png."),
+) -> None:
+    """Compare full fine-tuning, LoRA, prefix, SoRA and QAA (and QAA on noisy Aer) as real jobs, one at a time."""
+    import signal
+    from pathlib import Path
+
+    from workers.bench import run_bench
+
+    signal.signal(signal.SIGTERM, _interrupt)  # the running job is cancelled and its stack stopped
+    raise typer.Exit(run_bench(url=url, quick=quick, seeds=seeds, steps=steps, samples=samples, out=Path(out)))
+
+
+@app.command()
 def api(
     host: str = typer.Option(None, help="Address to bind (default: QAA_HOST)."),
     port: int = typer.Option(None, help="Port (default: QAA_PORT)."),

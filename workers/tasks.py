@@ -24,13 +24,16 @@ import logging
 import resource
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from circuits.backends import environment
 from service.settings import Settings
 from service.spec import JobSpec
 from service.store import JobStatus, Store
+from service.vault import SecretKeyMissing, SecretUnreadable, secret_box
 from workers.trainer import JobError, TrainingHooks, train
 
 log = logging.getLogger(__name__)
@@ -166,6 +169,37 @@ def dataset_resolver(store: Store, owner: str):
     return resolve
 
 
+def ibm_credentials(store: Store, owner: str, settings: Settings) -> tuple[str | None, str | None]:
+    """The IBM Quantum token and instance an `ibm:` job of `owner` signs in with: the owner's stored ones
+    (`PUT /v1/credentials/ibm`), else the worker's `QAA_IBM_TOKEN`/`QAA_IBM_INSTANCE`. A stored token this
+    worker cannot decrypt fails the job (`JobError`) rather than silently signing in as someone else."""
+    if any(info.kind == "ibm" for info in store.describe_credentials(owner)):
+        try:
+            stored = store.get_credential(owner, "ibm", secret_box(settings, create=False))
+        except (SecretKeyMissing, SecretUnreadable) as exc:
+            raise JobError(f"the job owner's stored IBM Quantum token cannot be used here: {exc}") from None
+        if stored is not None:  # else deleted since the look-up: the worker's own, as for anyone without one
+            return stored.token, stored.instance
+    token = settings.ibm_token.get_secret_value() if settings.ibm_token else None
+    return token, settings.ibm_instance
+
+
+@contextmanager
+def ibm_sign_in(spec: JobSpec, store: Store, owner: str, settings: Settings) -> Iterator[None]:
+    """For an `ibm:` job, the circuit backends' environment carries `ibm_credentials` while it runs, and its
+    earlier values after: a worker process runs one job at a time, so the process-wide environment is the job's."""
+    if spec.quantum is None or not spec.quantum.backend.startswith("ibm:"):
+        yield
+        return
+    token, instance = ibm_credentials(store, owner, settings)
+    before = environment.environment()
+    environment.configure(ibm_token=token, ibm_instance=instance)
+    try:
+        yield
+    finally:
+        environment.configure(ibm_token=before.ibm_token, ibm_instance=before.ibm_instance)
+
+
 def bound_memory(limit_mb: int | None) -> None:
     """Cap this process's data memory (RLIMIT_DATA) at `limit_mb` MiB, if set.
 
@@ -222,13 +256,14 @@ def _train(
     spec = JobSpec.model_validate(spec_data)
     run_dir.mkdir(parents=True, exist_ok=True)
     hooks = TrainingHooks(record_metrics=sink, should_continue=lease.should_continue)
-    result = train(
-        spec,
-        run_dir,
-        hooks,
-        models_dir=settings.models_dir,
-        resolve_dataset=dataset_resolver(store, owner),
-    )
+    with ibm_sign_in(spec, store, owner, settings):
+        result = train(
+            spec,
+            run_dir,
+            hooks,
+            models_dir=settings.models_dir,
+            resolve_dataset=dataset_resolver(store, owner),
+        )
     sink.flush()
     if lease.ours:
         register_artifacts(store, lease.job_id, run_dir, result.artifacts)

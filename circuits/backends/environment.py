@@ -8,14 +8,14 @@ with `configure(cache_dir=settings.cache_dir, ibm_token=..., ibm_instance=...)`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
 @dataclass(frozen=True)
 class BackendEnvironment:
     cache_dir: Path
-    ibm_token: str | None = None
+    ibm_token: str | None = field(default=None, repr=False)  # a logged environment must not show it
     ibm_instance: str | None = None
     connect_timeout_s: float = 20.0  # IBM sign-in and backend lookup; past it, a readable error
 

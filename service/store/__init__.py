@@ -4,6 +4,7 @@ Light on purpose (SQLAlchemy and Alembic only), so the API process and workers c
 """
 
 from service.store.base import new_id, utcnow
+from service.store.credentials import CREDENTIAL_KINDS, CredentialInfo, OwnerCredential
 from service.store.engine import make_engine, normalize_url
 from service.store.jobs import Heartbeat, JobPage, decode_cursor, encode_cursor
 from service.store.models import (
@@ -12,6 +13,7 @@ from service.store.models import (
     ApiKey,
     Artifact,
     Base,
+    Credential,
     Dataset,
     Job,
     JobStatus,
@@ -23,16 +25,20 @@ from service.store.schema import alembic_config, migrate, schema_is_current
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "CREDENTIAL_KINDS",
     "TERMINAL_STATUSES",
     "ApiKey",
     "Artifact",
     "Base",
+    "Credential",
+    "CredentialInfo",
     "Dataset",
     "Heartbeat",
     "Job",
     "JobPage",
     "JobStatus",
     "MetricPoint",
+    "OwnerCredential",
     "Store",
     "alembic_config",
     "decode_cursor",

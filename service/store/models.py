@@ -189,3 +189,19 @@ class ApiKey(Base):
     label: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+
+
+class Credential(Base):
+    """A secret an owner stored for an outside service (`kind` "ibm": an IBM Quantum API token and instance).
+
+    `encrypted_token` is a Fernet token (`service.vault`); the plaintext is never stored, returned or logged.
+    """
+
+    __tablename__ = "credentials"
+
+    owner: Mapped[str] = mapped_column(String(OWNER_LENGTH), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    encrypted_token: Mapped[str] = mapped_column(Text)
+    instance: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]

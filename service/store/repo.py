@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from service.store.credentials import CredentialRepo
 from service.store.jobs import JobRepo
 from service.store.records import RecordRepo
 
 
-class Store(JobRepo, RecordRepo):
+class Store(JobRepo, RecordRepo, CredentialRepo):
     """The job store.
 
     Example:

@@ -1,0 +1,110 @@
+"""`qaa bench --quick` end to end: every row a real job of a real embedded stack, and the published files.
+
+It proves that the bench runs the issue's rows through the service (the job ids it records are succeeded jobs
+in the stack's store, run with the spec the row names), and that methods.json carries the issue's keys with
+numbers in range: shares in (0, 1] with full fine-tuning at 1 and every QAA row below LoRA, finite losses,
+scores in their ranges, and the noisy Aer row slower per step than the same adapter on the exact engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from stack import Proc, Services, free_port
+
+BENCH_TIMEOUT = 420
+ISSUE_KEYS = ["method", "variant", "trainable_params", "trainable_share", "bleu", "rouge1", "rouge2", "rougeL",
+              "bertscore_f1", "final_train_loss", "eval_loss", "seconds_per_step", "peak_memory_mb",
+              "seeds"]  # fmt: skip
+SCORES = ["bleu", "rouge1", "rouge2", "rougeL", "bertscore_f1", "final_train_loss", "eval_loss"]
+AER = "n=4 L=1 expval, 1 module, aer FakeManilaV2 noise, 256 shots"
+EXACT = "n=4 L=1 expval, 1 module, exact (same adapter)"
+ROWS = {
+    ("full", "all weights"),
+    ("lora", "r=8"),
+    ("prefix", "20 virtual tokens"),
+    ("sora", "r=8, gate lambda=0.001"),
+    ("qaa", "exact L=2 expval (default)"),
+    ("qaa", "exact L=1 expval"),
+    ("qaa", "exact L=1 expval+zz"),
+    ("qaa", "exact L=2 expval+zz"),
+    ("qaa", "exact L=4 expval"),
+    ("qaa", "exact L=4 expval+zz"),
+    ("qaa", AER),
+    ("qaa", EXACT),
+}
+
+
+@pytest.mark.slow
+def test_quick_bench_runs_every_row_as_a_job_and_writes_the_table(tmp_path):
+    services = Services.embedded(tmp_path, QAA_PORT=str(free_port()))
+    services.home.mkdir(parents=True)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "workers.cli", "bench", "--quick", f"--out={out}"]
+    bench = Proc(args, services.env(), tmp_path / "bench.log")
+    try:
+        code = bench.popen.wait(timeout=BENCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        bench.stop(timeout=90)  # SIGTERM: the bench cancels its job and stops its stack
+        raise
+    bench.stop()
+    assert code == 0, bench.log()[-4000:]
+
+    rows = json.loads((out / "methods.json").read_text())
+    record = json.loads((out / "methods_budget.json").read_text())
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "methods.md").read_text()
+
+    assert isinstance(rows, list) and {(r["method"], r["variant"]) for r in rows} == ROWS and len(rows) == len(ROWS)
+    expected_keys = {*ISSUE_KEYS, *(f"{k}_std" for k in SCORES), "config"}
+    by = {(r["method"], r["variant"]): r for r in rows}
+    for r in rows:
+        assert set(r) == expected_keys, r["variant"]
+        assert r["seeds"] == [0]
+        assert all(r[f"{k}_std"] is None for k in SCORES)  # one seed: no spread
+        assert isinstance(r["trainable_params"], int) and r["trainable_params"] > 0
+        assert 0 < r["trainable_share"] <= 1
+        assert math.isfinite(r["final_train_loss"]) and math.isfinite(r["eval_loss"]) and r["eval_loss"] > 0
+        assert 0 <= r["bleu"] <= 100
+        assert all(0 <= r[k] <= 1 for k in ("rouge1", "rouge2", "rougeL", "bertscore_f1"))
+        assert r["seconds_per_step"] > 0 and r["peak_memory_mb"] > 100
+        assert f"| {r['method']} | {r['variant']} |" in table
+        config = r["config"]
+        assert (config["model"], config["dataset"]) == ("builtin:tiny-llama", "builtin:restaurants")
+        assert config["evaluation"] == {"metrics": ["bleu", "rouge", "bertscore"], "max_new_tokens": 8, "samples": 4}
+        assert "seed" not in config["training"]
+        hardware = r["variant"] in (AER, EXACT)
+        assert config["training"]["steps"] == (2 if hardware else 6)
+
+    lora = by[("lora", "r=8")]
+    assert by[("full", "all weights")]["trainable_share"] == 1.0
+    for r in rows:
+        if r["method"] == "qaa":
+            assert r["trainable_share"] < lora["trainable_share"], r["variant"]
+    noisy, exact = by[("qaa", AER)], by[("qaa", EXACT)]
+    assert noisy["trainable_params"] == exact["trainable_params"]
+    assert noisy["config"]["quantum"] == {"backend": "aer", "noise": "FakeManilaV2", "shots": 256,
+                                          "gradient": "parameter-shift", "input_grad": "none"}  # fmt: skip
+    assert noisy["seconds_per_step"] > exact["seconds_per_step"]
+
+    assert record["budget"]["model"] == "builtin:tiny-llama" and record["budget"]["steps"] == 6
+    assert record["command"] == f"qaa bench --quick --out {out}"
+    assert record["failures"] == [] and record["wall_seconds"] > 0
+    assert record["targets"]["qaa_over_lora_params"] < 0.5
+    assert set(record["targets"]["met"]) >= {"bleu_within_1_of_lora", "at_most_half_lora_params"}
+    store = services.store()
+    try:
+        for entry in record["rows"]:
+            (job_id,) = entry["jobs"]
+            job = store.load_job(job_id)
+            assert job.status == "succeeded"
+            config = by[(entry["method"], entry["variant"])]["config"]
+            assert job.spec["training"]["seed"] == 0
+            for part in ("method", "training", "evaluation"):  # the stored spec adds the defaults
+                assert {k: job.spec[part][k] for k in config[part]} == config[part]
+    finally:
+        services.close()

@@ -1,0 +1,484 @@
+"""`qaa bench`: full fine-tuning, LoRA, prefix tuning, SoRA and QAA side by side, each row a real job of the service.
+
+Every job goes over HTTP through `client.api.ApiClient`, on one model, dataset, step count, seed set and
+evaluation, so the table measures the product itself. Rows:
+
+- the five headline methods, whose method options and learning rates are those of `examples/full.yaml`,
+  `lora.yaml`, `prefix.yaml`, `sora.yaml` and `qaa-smollm2.yaml` (the default QAA row), run with `seeds` seeds;
+- QAA variants on the exact engine (L = 1, 2, 4 x readout expval, expval+zz), first seed only;
+- the hardware-path pair: QAA compressed to 4 qubits on one module, on Aer with FakeManilaV2's noise model and
+  shots, and the same adapter on the exact engine. Each token costs 2P + 1 circuits on Aer, so this pair trains
+  `hardware_steps` steps of `hardware_batch_size` rows; everything else (model, data, seed, evaluation) is shared.
+
+Jobs run one at a time. Without `url`, each job gets a fresh embedded stack (API + one worker): on CPU a job's
+`peak_memory_mb` is its worker's RSS high-water mark, which would otherwise be the highest of every job before.
+
+Outputs in `out`:
+- `methods.json`: a list of rows with the keys `ROW_KEYS`. Scores and losses are means over the row's seeds,
+  with `<key>_std` beside each (sample standard deviation; null with one seed); `config` is the job spec every
+  seed of the row ran, seed and name aside, so a row says exactly what produced it.
+- `methods_budget.json`: the run as a whole (budget, command, service, machine, wall time, job ids per row,
+  failures) and the issue's targets checked on the measured numbers.
+- `methods.md`: the table and the targets; `loss_curves.png`: each row's first seed, train loss as a moving
+  average and eval loss as dots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from client import render
+from client.api import ApiClient, ClientError
+from client.config import resolve
+from client.spec_file import load_spec
+from client.watch import watch_live
+from service.settings import get_settings
+from workers.stack import Stack, StackError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+HEADLINE_SPECS = {"full": "full.yaml", "lora": "lora.yaml", "prefix": "prefix.yaml", "sora": "sora.yaml",
+                  "qaa": "qaa-smollm2.yaml"}  # fmt: skip
+QAA_LAYERS = (1, 2, 4)
+QAA_READOUTS = ("expval", "expval+zz")
+#: Means over seeds with a `_std` beside them.
+SCORES = ("bleu", "rouge1", "rouge2", "rougeL", "bertscore_f1", "final_train_loss", "eval_loss")
+ROW_KEYS = ("method", "variant", "trainable_params", "trainable_share", *SCORES, "seconds_per_step",
+            "peak_memory_mb", "seeds")  # fmt: skip
+POLL_S = 2.0
+
+
+def eval_every(steps: int) -> int:
+    """Eval loss halfway and at the end: two points of convergence for 200 validation examples' cost."""
+    return max(1, steps // 2)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every row shares. `seeds` applies to the headline rows; variants and the hardware pair run seed 0."""
+
+    model: str = "builtin:smollm2-135m"
+    dataset: str = "builtin:restaurants"
+    steps: int = 120
+    batch_size: int = 4
+    max_length: int = 64
+    seeds: int = 3
+    samples: int = 100
+    max_new_tokens: int = 48
+    metrics: tuple[str, ...] = ("bleu", "rouge", "bertscore")
+    hardware_steps: int = 20
+    hardware_batch_size: int = 2
+    hardware_shots: int = 1024
+    hardware_qubits: int = 4
+    hardware_noise: str = "FakeManilaV2"
+    #: One module (a suffix every Llama-style model has), so the noisy Aer row stays minutes long.
+    hardware_target: str = "layers.0.self_attn.v_proj"
+
+    @property
+    def eval_every(self) -> int:
+        return eval_every(self.steps)
+
+
+#: The published table: sized for about 90 minutes on a 2-core CPU.
+PUBLISHED = Budget()
+#: `--quick`: the same rows in a few minutes, on the random-init tiny Llama.
+QUICK = replace(PUBLISHED, model="builtin:tiny-llama", steps=6, batch_size=2, max_length=32, seeds=1, samples=4,
+                max_new_tokens=8, hardware_steps=2, hardware_batch_size=1, hardware_shots=256)  # fmt: skip
+
+
+@dataclass
+class Row:
+    """One line of the table: a spec (seed left to `spec_for`) and the seeds it runs."""
+
+    method: str
+    variant: str
+    spec: dict[str, Any]
+    seeds: list[int]
+    group: str  # headline | variant | hardware
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    points: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.variant}"
+
+    def spec_for(self, seed: int) -> dict[str, Any]:
+        slug = "-".join("".join(c if c.isalnum() else " " for c in self.label).split())
+        spec = json.loads(json.dumps(self.spec))
+        spec["training"]["seed"] = seed
+        return {"name": f"bench-{slug}-seed{seed}", **spec}
+
+
+# --- the plan ---------------------------------------------------------------------------------------------------
+
+
+def _job(budget: Budget, method: dict, learning_rate: float, quantum: dict | None = None, *,
+         steps: int | None = None, batch_size: int | None = None) -> dict[str, Any]:  # fmt: skip
+    steps = steps or budget.steps
+    spec = {
+        "model": budget.model,
+        "dataset": budget.dataset,
+        "method": method,
+        "training": {"steps": steps, "batch_size": batch_size or budget.batch_size, "max_length": budget.max_length,
+                     "learning_rate": learning_rate, "eval_every": eval_every(steps), "checkpoint_every": 0},
+        "evaluation": {"metrics": list(budget.metrics), "max_new_tokens": budget.max_new_tokens,
+                       "samples": budget.samples},
+    }  # fmt: skip
+    if quantum is not None:
+        spec["quantum"] = quantum
+    return spec
+
+
+def _variant(method: dict) -> str:
+    kind = method["kind"]
+    if kind == "full":
+        return "all weights"
+    if kind == "lora":
+        return f"r={method.get('r', 8)}"
+    if kind == "prefix":
+        return f"{method.get('num_virtual_tokens', 20)} virtual tokens"
+    if kind == "sora":
+        return f"r={method.get('r', 8)}, gate lambda={method.get('sparse_lambda', 1e-3):g}"
+    return f"L={method.get('layers', 2)} {method.get('readout', 'expval')}"
+
+
+def plan(budget: Budget) -> list[Row]:
+    """Every row of the bench, headline rows first, then the QAA variants, then the hardware pair."""
+    headline_seeds = list(range(budget.seeds))
+    rows, default_qaa, qaa_lr = [], None, None
+    for kind, name in HEADLINE_SPECS.items():
+        example = load_spec(EXAMPLES / name)
+        method, lr = example["method"], example["training"]["learning_rate"]
+        quantum = {"backend": "exact"} if kind == "qaa" else None
+        variant = f"exact {_variant(method)} (default)" if kind == "qaa" else _variant(method)
+        rows.append(Row(kind, variant, _job(budget, method, lr, quantum), headline_seeds, "headline"))
+        if kind == "qaa":
+            default_qaa, qaa_lr = method, lr
+    for layers in QAA_LAYERS:
+        for readout in QAA_READOUTS:
+            method = {**default_qaa, "layers": layers, "readout": readout}
+            if method != default_qaa:
+                job = _job(budget, method, qaa_lr, {"backend": "exact"})
+                rows.append(Row("qaa", f"exact {_variant(method)}", job, [0], "variant"))
+    small = {**default_qaa, "target_modules": [budget.hardware_target], "qubits": budget.hardware_qubits,
+             "compress": "fixed", "layers": 1, "readout": "expval"}  # fmt: skip
+    size = f"n={budget.hardware_qubits} L=1 expval, 1 module"
+    noisy = {"backend": "aer", "noise": budget.hardware_noise, "shots": budget.hardware_shots,
+             "gradient": "parameter-shift", "input_grad": "none"}  # fmt: skip
+    exact = {"backend": "exact", "input_grad": "none"}
+    hw = {"steps": budget.hardware_steps, "batch_size": budget.hardware_batch_size}
+    # A larger rate than the default row's: one 4-qubit adapter trains few parameters in few steps.
+    hardware_lr = 1e-2
+    rows.append(Row("qaa", f"{size}, aer {budget.hardware_noise} noise, {budget.hardware_shots} shots",
+                    _job(budget, small, hardware_lr, noisy, **hw), [0], "hardware"))  # fmt: skip
+    rows.append(Row("qaa", f"{size}, exact (same adapter)", _job(budget, small, hardware_lr, exact, **hw), [0],
+                    "hardware"))  # fmt: skip
+    return rows
+
+
+# --- running --------------------------------------------------------------------------------------------------
+
+
+class BenchError(Exception):
+    """The bench cannot run as asked (the port of the embedded stack is taken, ...)."""
+
+
+@contextlib.contextmanager
+def _service(url: str | None) -> Iterator[ApiClient]:
+    """A client of the service at `url`, or of a fresh embedded stack (API + one worker) stopped afterwards."""
+    if url:
+        conn = resolve(url)
+        with ApiClient(conn.url, conn.api_key) as api:
+            yield api
+        return
+    settings = get_settings()
+    with socket.socket() as probe:
+        try:
+            probe.bind((settings.host, settings.port))
+        except OSError as exc:
+            raise BenchError(
+                f"port {settings.port} on {settings.host} is taken ({exc.strerror}): set QAA_PORT for the bench's "
+                "own stack, or pass --url to use the server that listens there"
+            ) from None
+    stack = Stack(settings, workers=1)
+    try:
+        stack.start()
+        conn = resolve(stack.url)
+        with ApiClient(conn.url, conn.api_key) as api:
+            yield api
+    finally:
+        stack.stop()
+
+
+def _run_job(url: str | None, spec: dict[str, Any], out) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Submit one job, follow it to its end; (the final job, its metric points). Cancelled if interrupted."""
+    with _service(url) as api:
+        job = api.submit_job(spec)
+        out.print(f"{datetime.now():%H:%M:%S} submitted {job['id']} {spec['name']}", markup=False)
+        try:
+            job, counters = watch_live(api, job["id"], render.console(stderr=True), interval=POLL_S)
+        except BaseException:
+            with contextlib.suppress(ClientError):
+                api.cancel_job(job["id"])
+            raise
+        return job, counters.points
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarize(row: Row) -> dict[str, Any]:
+    """The row's methods.json entry from its succeeded jobs' evaluations."""
+    evals = [job["evaluation"] for job in row.jobs if job["status"] == "succeeded" and job.get("evaluation")]
+
+    def values(key: str) -> list[float]:
+        return [e[key] for e in evals if isinstance(e.get(key), int | float) and math.isfinite(e[key])]
+
+    out: dict[str, Any] = {"method": row.method, "variant": row.variant}
+    out["trainable_params"] = next(iter(values("trainable_params")), None)
+    out["trainable_share"] = next(iter(values("trainable_share")), None)
+    for key in SCORES:
+        out[key], out[f"{key}_std"] = _mean_std(values(key))
+    for key in ("seconds_per_step", "peak_memory_mb"):
+        out[key] = _mean_std(values(key))[0]
+    out["seeds"] = [job["spec"]["training"]["seed"] for job in row.jobs if job["status"] == "succeeded"]
+    training = {k: v for k, v in row.spec["training"].items() if k != "seed"}
+    out["config"] = {**row.spec, "training": training}  # what every seed ran, the seed aside
+    return out
+
+
+def targets(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets on the measured means: QAA (default row) within 1.0 BLEU and 0.01 BERTScore F1 of
+    LoRA r=8 with at most half its trainable parameters, and above prefix tuning."""
+    by = {m: next((r for r in rows if r["method"] == m), None) for m in ("qaa", "lora", "prefix")}  # headline first
+    qaa, lora, prefix = by["qaa"], by["lora"], by["prefix"]
+
+    def diff(a: dict | None, b: dict | None, key: str) -> float | None:
+        return a[key] - b[key] if a and b and a.get(key) is not None and b.get(key) is not None else None
+
+    out: dict[str, Any] = {
+        "qaa_minus_lora_bleu": diff(qaa, lora, "bleu"),
+        "qaa_minus_lora_bertscore_f1": diff(qaa, lora, "bertscore_f1"),
+        "qaa_over_lora_params": (
+            qaa["trainable_params"] / lora["trainable_params"]
+            if qaa and lora and qaa["trainable_params"] and lora["trainable_params"]
+            else None
+        ),  # fmt: skip
+    }
+    for key in ("bleu", "rougeL", "bertscore_f1"):
+        out[f"qaa_minus_prefix_{key}"] = diff(qaa, prefix, key)
+
+    def holds(value: float | None, ok) -> bool | None:
+        return None if value is None else bool(ok(value))
+
+    out["met"] = {
+        "bleu_within_1_of_lora": holds(out["qaa_minus_lora_bleu"], lambda d: d >= -1.0),
+        "bertscore_within_0.01_of_lora": holds(out["qaa_minus_lora_bertscore_f1"], lambda d: d >= -0.01),
+        "at_most_half_lora_params": holds(out["qaa_over_lora_params"], lambda r: r <= 0.5),
+        "above_prefix_bleu": holds(out["qaa_minus_prefix_bleu"], lambda d: d > 0),
+        "above_prefix_rougeL": holds(out["qaa_minus_prefix_rougeL"], lambda d: d > 0),
+        "above_prefix_bertscore_f1": holds(out["qaa_minus_prefix_bertscore_f1"], lambda d: d > 0),
+    }
+    return out
+
+
+# --- writing --------------------------------------------------------------------------------------------------
+
+
+def _cell(row: dict[str, Any], key: str, digits: int) -> str:
+    value, std = row.get(key), row.get(f"{key}_std")
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+TABLE = (
+    ("method", "method"), ("variant", "variant"), ("trainable_params", "trainable params"),
+    ("trainable_share", "share"), ("bleu", "BLEU"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
+    ("rougeL", "ROUGE-L"), ("bertscore_f1", "BERTScore F1"), ("final_train_loss", "final train loss"),
+    ("eval_loss", "eval loss"), ("seconds_per_step", "s/step"), ("peak_memory_mb", "peak MB"), ("seeds", "seeds"),
+)  # fmt: skip
+
+
+def markdown(rows: Sequence[dict[str, Any]], record: dict[str, Any]) -> str:
+    """methods.md: how it was run, the table, and the targets."""
+    b = record["budget"]
+    lines = [
+        "# Method comparison (`qaa bench`)",
+        "",
+        f"`{record['command']}` on {record['machine']['cpus']} CPU cores ({record['machine']['device']}), "
+        f"{record['started_at'][:16].replace('T', ' ')} UTC, {record['wall_seconds'] / 60:.1f} min.",
+        f"Model `{b['model']}`, data `{b['dataset']}`, {b['steps']} steps of {b['batch_size']} x {b['max_length']} "
+        f"tokens, eval loss every {b['eval_every']} steps on 200 validation examples, BLEU/ROUGE/BERTScore on "
+        f"{b['samples']} test examples (greedy, {b['max_new_tokens']} new tokens). Hardware pair: "
+        f"{b['hardware_steps']} steps of {b['hardware_batch_size']} x {b['max_length']}. Scores are means over "
+        "the seeds listed, ± the sample standard deviation.",
+        "",
+        "| " + " | ".join(title for _, title in TABLE) + " |",
+        "|" + "---|" * len(TABLE),
+    ]
+    digits = {"bleu": 2, "bertscore_f1": 4, "seconds_per_step": 3, "peak_memory_mb": 0}
+    for r in rows:
+        cells = []
+        for key, _ in TABLE:
+            if key in ("method", "variant"):
+                cells.append(r[key])
+            elif key == "trainable_params":
+                cells.append("-" if r[key] is None else f"{r[key]:,}")
+            elif key == "trainable_share":
+                cells.append("-" if r[key] is None else f"{r[key]:.4%}")
+            elif key == "seeds":
+                cells.append(",".join(map(str, r[key])) or "none")
+            else:
+                cells.append(_cell(r, key, digits.get(key, 3)))
+        lines.append("| " + " | ".join(cells) + " |")
+    t = record["targets"]
+    lines += ["", "Targets (QAA default row against LoRA r=8 and prefix tuning):", ""]
+    for name, met in t["met"].items():
+        lines.append(f"- {name}: {'-' if met is None else ('met' if met else 'NOT met')}")
+    numbers = {k: v for k, v in t.items() if k != "met"}
+    lines += ["", "```json", json.dumps(numbers, indent=1), "```", ""]
+    if record["failures"]:
+        lines += ["Failed jobs:", ""] + [f"- {f['name']} ({f['id']}): {f['status']} {f['error']}" for f in
+                                        record["failures"]] + [""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _smoothed(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Train loss as a trailing moving average over a twentieth of the run (batches of a few rows are noisy)."""
+    losses = [p["loss"] for p in points if isinstance(p.get("loss"), int | float)]
+    window = max(1, len(losses) // 20)
+    out, recent = [], []
+    for p in points:
+        q = dict(p)
+        if isinstance(p.get("loss"), int | float):
+            recent = [*recent[-(window - 1) :], p["loss"]] if window > 1 else [p["loss"]]
+            q["loss"] = statistics.fmean(recent)
+        out.append(q)
+    return out
+
+
+STYLES = {"headline": {"linewidth": 1.8}, "variant": {"linewidth": 1.0, "linestyle": "--"},
+          "hardware": {"linewidth": 1.5}}  # fmt: skip
+
+
+def plot_curves(plan_rows: Sequence[Row], path: Path) -> None:
+    """Each row's first seed: smoothed train loss (lines) and eval loss (dots of the same colour). The hardware
+    pair, which trains fewer and smaller steps, gets its own panel; one legend of a dozen rows stays readable."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(14, 5.5), dpi=110)
+    main, hardware = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    for row in plan_rows:
+        if not row.points:
+            continue
+        points = _smoothed(row.points[min(row.points)])
+        ax = hardware if row.group == "hardware" else main
+        train = [(p["step"], p["loss"]) for p in points if isinstance(p.get("loss"), int | float)]
+        (line,) = ax.plot(*zip(*train, strict=True), label=row.label, **STYLES[row.group])
+        evals = [(p["step"], p["eval_loss"]) for p in points if isinstance(p.get("eval_loss"), int | float)]
+        if evals:
+            ax.plot(*zip(*evals, strict=True), "o", color=line.get_color(), markersize=5)
+    main.set_title("methods and QAA variants (dashed): train loss (moving average), eval loss (dots)", fontsize=9)
+    hardware.set_title("hardware path: QAA n=4 on noisy Aer and on the exact engine", fontsize=9)
+    for ax in (main, hardware):
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_results(out_dir: Path, plan_rows: Sequence[Row], record: dict[str, Any]) -> list[dict[str, Any]]:
+    """methods.json, methods_budget.json, methods.md and loss_curves.png from the jobs run so far."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [summarize(r) for r in plan_rows if r.jobs]
+    record["targets"] = targets(rows)
+    record["rows"] = [{"method": r.method, "variant": r.variant, "jobs": [j["id"] for j in r.jobs]}
+                      for r in plan_rows if r.jobs]  # fmt: skip
+    (out_dir / "methods.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out_dir / "methods_budget.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out_dir / "methods.md").write_text(markdown(rows, record))
+    plot_curves(plan_rows, out_dir / "loss_curves.png")
+    return rows
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "CPU"
+    return {"cpus": os.cpu_count(), "device": device, "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__}  # fmt: skip
+
+
+def _command(url: str | None, quick: bool, seeds: int | None, steps: int | None, samples: int | None,
+             out: Path) -> str:  # fmt: skip
+    """The `qaa bench` line that reruns this run (the server aside, which `--url` names)."""
+    flags = [("--url", url), ("--seeds", seeds), ("--steps", steps), ("--samples", samples), ("--out", out)]
+    return " ".join(["qaa bench", *(["--quick"] if quick else []), *(f"{k} {v}" for k, v in flags if v)])
+
+
+def run_bench(*, url: str | None = None, quick: bool = False, seeds: int | None = None, steps: int | None = None,
+              samples: int | None = None, out: Path = Path("benchmarks/results")) -> int:  # fmt: skip
+    """Run every row of `plan` as jobs, one at a time, writing the results after each; 0 if all succeeded."""
+    console = render.console()
+    budget = QUICK if quick else PUBLISHED
+    budget = replace(budget, **{k: v for k, v in (("seeds", seeds), ("steps", steps), ("samples", samples)) if v})
+    rows = plan(budget)
+    record: dict[str, Any] = {
+        "command": _command(url, quick, seeds, steps, samples, out),
+        "service": url or "embedded stack, a fresh API + 1 worker per job",
+        "budget": asdict(budget) | {"eval_every": budget.eval_every},
+        "peak_memory": "per job (a fresh worker process)" if not url else "the worker's high-water mark so far",
+        "machine": _machine(),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wall_seconds": 0.0,
+        "failures": [],
+    }
+    if not url:  # a builtin model is exported once per QAA_HOME: not inside the first job's time and memory
+        from workers.models import load_model
+
+        load_model(budget.model, models_dir=get_settings().models_dir)
+    started = time.monotonic()
+    jobs = [(row, seed) for seed in range(budget.seeds) for row in rows if seed in row.seeds]
+    console.print(f"qaa bench: {len(rows)} rows, {len(jobs)} jobs; results in {out}/", markup=False)
+    try:
+        for row, seed in jobs:
+            job, points = _run_job(url, row.spec_for(seed), console)
+            row.jobs.append(job)
+            row.points[seed] = points
+            if job["status"] != "succeeded":
+                record["failures"].append({k: job.get(k) for k in ("id", "name", "status", "error")})
+            record["wall_seconds"] = round(time.monotonic() - started, 1)
+            write_results(out, rows, record)
+            e = job.get("evaluation") or {}
+            console.print(f"  {row.label} seed {seed}: {job['status']}, BLEU {render.fmt(e.get('bleu'))}, "
+                          f"eval loss {render.fmt(e.get('eval_loss'))}, "
+                          f"{render.fmt(e.get('seconds_per_step'))} s/step", markup=False)  # fmt: skip
+    except (ClientError, BenchError, StackError) as exc:
+        console.print(f"qaa bench: {exc}", markup=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print("qaa bench: interrupted; the results so far are written", markup=False)
+        return 130
+    console.print((out / "methods.md").read_text(), markup=False)
+    return 1 if record["failures"] else 0
