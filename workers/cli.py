@@ -87,7 +87,10 @@ def up(
 
     names = ",".join(parse_queues(queues))
     settings = _set_address(host, port)
-    signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, systemd: stop as cleanly as on Ctrl-C
+    # Ctrl-C, `docker stop`, systemd: stop cleanly. SIGINT explicitly too: a process started in the background
+    # of a shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     stack = Stack(settings, workers=workers, queues=names)
     try:
         stack.start()
@@ -128,7 +131,8 @@ def demo(
 
     from workers.demo import run_demo
 
-    signal.signal(signal.SIGTERM, _interrupt)  # a stack the demo started is stopped on SIGTERM too
+    for signum in (signal.SIGINT, signal.SIGTERM):  # a stack the demo started is stopped on either
+        signal.signal(signum, _interrupt)
     raise typer.Exit(run_demo(Path(spec), Path(hardware_spec), Path(plot)))
 
 
