@@ -57,6 +57,11 @@ SCORES = ("bleu", "rouge1", "rouge2", "rougeL", "bertscore_f1", "final_train_los
 ROW_KEYS = ("method", "variant", "trainable_params", "trainable_share", *SCORES, "seconds_per_step",
             "peak_memory_mb", "seeds")  # fmt: skip
 POLL_S = 2.0
+#: What `peak_memory_mb` means, by whether the bench started the service (False) or was given a URL (True).
+PEAK_MEMORY = {
+    False: "on CPU the peak RSS of the job's own worker process, on CUDA torch's peak allocation",
+    True: "on CPU the worker's RSS high-water mark (earlier jobs of that worker included), on CUDA torch's peak",
+}
 
 
 def eval_every(steps: int) -> int:
@@ -70,7 +75,7 @@ class Budget:
 
     model: str = "builtin:smollm2-135m"
     dataset: str = "builtin:restaurants"
-    steps: int = 120
+    steps: int = 100
     batch_size: int = 4
     max_length: int = 64
     seeds: int = 3
@@ -90,7 +95,8 @@ class Budget:
         return eval_every(self.steps)
 
 
-#: The published table: sized for about 90 minutes on a 2-core CPU.
+#: The issue's published table: about 90 minutes on a 2-core CPU, as estimated from an 80-step, one-seed run of
+#: 63 minutes (benchmarks/results/methods_budget.json).
 PUBLISHED = Budget()
 #: `--quick`: the same rows in a few minutes, on the random-init tiny Llama.
 QUICK = replace(PUBLISHED, model="builtin:tiny-llama", steps=6, batch_size=2, max_length=32, seeds=1, samples=4,
@@ -326,7 +332,8 @@ def markdown(rows: Sequence[dict[str, Any]], record: dict[str, Any]) -> str:
         f"tokens, eval loss every {b['eval_every']} steps on 200 validation examples, BLEU/ROUGE/BERTScore on "
         f"{b['samples']} test examples (greedy, {b['max_new_tokens']} new tokens). Hardware pair: "
         f"{b['hardware_steps']} steps of {b['hardware_batch_size']} x {b['max_length']}. Scores are means over "
-        "the seeds listed, ± the sample standard deviation.",
+        "the seeds listed, ± the sample standard deviation. s/step: the mean training step time; peak MB: "
+        f"{record['peak_memory']}.",
         "",
         "| " + " | ".join(title for _, title in TABLE) + " |",
         "|" + "---|" * len(TABLE),
@@ -448,7 +455,7 @@ def run_bench(*, url: str | None = None, quick: bool = False, seeds: int | None 
         "command": _command(url, quick, seeds, steps, samples, out),
         "service": url or "embedded stack, a fresh API + 1 worker per job",
         "budget": asdict(budget) | {"eval_every": budget.eval_every},
-        "peak_memory": "per job (a fresh worker process)" if not url else "the worker's high-water mark so far",
+        "peak_memory": PEAK_MEMORY[bool(url)],
         "machine": _machine(),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_seconds": 0.0,

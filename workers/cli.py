@@ -151,7 +151,8 @@ def bench(
 
     from workers.bench import run_bench
 
-    signal.signal(signal.SIGTERM, _interrupt)  # the running job is cancelled and its stack stopped
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the running job is cancelled and its stack stopped
+        signal.signal(signum, _interrupt)
     raise typer.Exit(run_bench(url=url, quick=quick, seeds=seeds, steps=steps, samples=samples, out=Path(out)))
 
 
