@@ -50,8 +50,7 @@ def ensure_local_key(store: Store, settings: Settings) -> Path | None:
     """
     if settings.database_url is not None:
         return None
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    url = f"http://{host}:{settings.port}"
+    url = settings.url
     path = credentials_path(settings)
     if store.list_api_keys():
         return _update_url(path, url)

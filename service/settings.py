@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.home_dir / 'qaa.db'}"
 
     @property
+    def url(self) -> str:
+        """Where a client on this machine reaches the API (a wildcard bind address is reached on 127.0.0.1)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
     def home_dir(self) -> Path:
         return self.home.expanduser()
 

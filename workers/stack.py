@@ -95,8 +95,7 @@ class Stack:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "") else self.settings.host
-        return f"http://{host}:{self.settings.port}"
+        return self.settings.url
 
     @property
     def children(self) -> list[Child]:
