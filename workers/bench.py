@@ -75,11 +75,11 @@ class Budget:
 
     model: str = "builtin:smollm2-135m"
     dataset: str = "builtin:restaurants"
-    steps: int = 100
+    steps: int = 80
     batch_size: int = 4
     max_length: int = 64
     seeds: int = 3
-    samples: int = 100
+    samples: int = 50
     max_new_tokens: int = 48
     metrics: tuple[str, ...] = ("bleu", "rouge", "bertscore")
     hardware_steps: int = 20
@@ -95,8 +95,8 @@ class Budget:
         return eval_every(self.steps)
 
 
-#: The issue's published table: about 90 minutes on a 2-core CPU, as estimated from an 80-step, one-seed run of
-#: 63 minutes (benchmarks/results/methods_budget.json).
+#: The issue's published table: 22 jobs (5 headline rows x 3 seeds, 7 one-seed rows), about 90 minutes on a
+#: 2-core CPU; the wall time of the published run is in benchmarks/results/methods_budget.json.
 PUBLISHED = Budget()
 #: `--quick`: the same rows in a few minutes, on the random-init tiny Llama.
 QUICK = replace(PUBLISHED, model="builtin:tiny-llama", steps=6, batch_size=2, max_length=32, seeds=1, samples=4,
