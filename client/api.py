@@ -50,7 +50,7 @@ class ApiError(ClientError):
 
 
 class AuthRefused(ApiError):
-    """401 or 403: the key is missing, unknown or revoked."""
+    """401 or 403: the key is missing, unknown, revoked or expired."""
 
 
 class ApiClient:

@@ -24,7 +24,7 @@ from service.api import credentials, datasets, jobs, system
 from service.api.prometheus import LatencyMiddleware, StoreCollector, new_registry
 from service.auth import ensure_local_key
 from service.problems import install_handlers, problem_response
-from service.ratelimit import TokenBucket
+from service.ratelimit import submit_limiter
 from service.settings import Settings, get_settings
 from service.spec import JobSpec
 from service.store import Store
@@ -60,7 +60,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.settings = settings
     app.state.store = store
     app.state.backends = None
-    app.state.submit_limiter = TokenBucket(settings.submit_rate_per_minute, settings.submit_burst)
+    app.state.submit_limiter = submit_limiter(
+        settings.submit_rate_per_minute, settings.submit_burst, settings.broker_url
+    )
     registry, latency = new_registry()
     registry.register(StoreCollector(lambda: app.state.store, queueing.queue_depths))
     app.state.registry = registry

@@ -1,7 +1,7 @@
 """Bearer API keys, and the key the embedded server makes for itself on first start.
 
 Keys are checked against their SHA-256 in the store (`Store.verify_api_key`); the plaintext is never logged,
-stored or returned. Missing, unknown and revoked keys all answer the same 401, so a caller learns nothing
+stored or returned. Missing, unknown, revoked and expired keys all answer the same 401, so a caller learns nothing
 about which keys exist.
 """
 
@@ -29,7 +29,7 @@ def owner_for_authorization(store: Store, authorization: str | None) -> str:
         raise _unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
     owner = store.verify_api_key(key.strip())
     if owner is None:
-        raise _unauthorized("the API key is not valid (unknown or revoked)")
+        raise _unauthorized("the API key is not valid (unknown, revoked or expired)")
     return owner
 
 

@@ -4,21 +4,21 @@ Each key gets `burst` tokens that refill at `per_minute / 60` per second; a subm
 told apart by the SHA-256 of the bearer key, so no plaintext key is kept in memory longer than the request.
 The bucket counts every submission attempt, valid or not, so a client cannot flood the validator either.
 
-The buckets live in this API process. That is exact for one process (`qaa api`, the compose file); with N
-API processes behind a balancer each keeps its own buckets, so a key gets up to N times the rate. Such a
-deployment needs the buckets in a shared store: one Redis key per API key updated by a Lua script (the same
-arithmetic as `TokenBucket.take`, atomic on the server), or a limit at the reverse proxy.
+Where the broker is Redis (production), the buckets live there (`RedisTokenBucket`: one hash per key, updated
+by a Lua script on Redis's own clock), so every API process behind a balancer enforces one shared limit. The
+embedded default has one API process and keeps them in memory (`TokenBucket`). Same arithmetic in both.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Protocol
 
 from fastapi import Depends, Request
 
@@ -27,6 +27,19 @@ from service.problems import Problem
 
 #: Buckets kept at most; idle full buckets are dropped first when more keys than this are seen.
 MAX_BUCKETS = 100_000
+REDIS_PREFIX = "qaa:submit-rate:"
+
+log = logging.getLogger("qaa.api")
+
+
+class Limiter(Protocol):
+    rate: float
+    burst: int
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def take(self, key: str) -> float: ...
 
 
 @dataclass
@@ -74,6 +87,59 @@ class TokenBucket:
             del self._buckets[key]
 
 
+#: `TokenBucket.take` on the server: KEYS[1] the bucket, ARGV rate (tokens/s) and burst; returns the wait as a
+#: string (a Lua number would come back truncated to an integer). A full bucket is the same as no bucket, so
+#: the hash expires once it would have refilled.
+_TAKE = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(state[1]) or burst
+local stamp = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'stamp', string.format('%.17g', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return string.format('%.17g', wait)
+"""
+
+
+class RedisTokenBucket:
+    """`TokenBucket` shared by every API process through Redis. If Redis does not answer, submissions are let
+    through (logged): the limit protects the service and must not become the thing that takes it down."""
+
+    def __init__(self, url: str, per_minute: float, burst: int):
+        import redis
+
+        self.rate = per_minute / 60.0
+        self.burst = burst
+        self._client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self._take = self._client.register_script(_TAKE)
+        self._errors = (redis.RedisError, OSError)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    def take(self, key: str) -> float:
+        if not self.enabled:
+            return 0.0
+        try:
+            return float(self._take(keys=[REDIS_PREFIX + key], args=[repr(self.rate), self.burst]))
+        except self._errors as exc:
+            log.warning("submission rate limit not applied: Redis did not answer (%s)", type(exc).__name__)
+            return 0.0
+
+
+def submit_limiter(per_minute: float, burst: int, broker_url: str | None) -> Limiter:
+    """Shared buckets in Redis when the broker is Redis, else this process's own."""
+    if broker_url and broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisTokenBucket(broker_url, per_minute, burst)
+    return TokenBucket(per_minute, burst)
+
+
 def key_identity(request: Request) -> str:
     """A stable, non-secret name for the request's bearer key (its SHA-256)."""
     credential = request.headers.get("authorization", "").partition(" ")[2].strip()
@@ -82,7 +148,7 @@ def key_identity(request: Request) -> str:
 
 def check_submit_rate(request: Request, _owner: CurrentOwner) -> None:
     """Dependency of `POST /v1/jobs`: after authentication (unknown keys are 401, not counted), one token."""
-    limiter: TokenBucket | None = getattr(request.app.state, "submit_limiter", None)
+    limiter: Limiter | None = getattr(request.app.state, "submit_limiter", None)
     if limiter is None:
         return
     wait = limiter.take(key_identity(request))

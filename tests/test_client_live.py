@@ -94,7 +94,7 @@ def test_a_refused_key_is_exit_4_naming_where_the_key_came_from(live):
     result = live.cli("list", "--api-key", "qaa_not_a_key")
     assert result.exit_code == 4
     assert f"the server at {live.url} refused the API key (--api-key)" in result.stderr
-    assert "unknown or revoked" in result.stderr
+    assert "unknown, revoked or expired" in result.stderr
     from_env = live.cli("list", "--output", "json", env={"QAA_API_KEY": "qaa_not_a_key"})
     assert from_env.exit_code == 4 and "(QAA_API_KEY)" in from_env.stderr
     assert json.loads(from_env.stdout)["error"]["status"] == 401

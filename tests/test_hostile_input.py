@@ -4,7 +4,7 @@ IBM tokens never reach a log or an answer.
 
 `test_api_bad_input.py` holds the ordinary bad input (malformed specs, JSONL lines, bounds, `..` names);
 this file adds what an attacker sends: deep nesting, huge and endless bodies, NUL and lone surrogates, CR/LF
-aimed at headers, disguised path climbs, other owners' and revoked credentials.
+aimed at headers, disguised path climbs, other owners' and revoked or expired credentials.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 import socket
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -20,11 +21,11 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 from schemathesis.checks import content_type_conformance, negative_data_rejection, positive_data_acceptance
-from stack import Services, postgres_database, start_api, start_worker, truncate_store, wait_until
+from stack import Services, postgres_database, redis_url, start_api, start_worker, truncate_store, wait_until
 from test_api import JSONL, TINY
 
 from service.app import create_app
-from service.ratelimit import TokenBucket
+from service.ratelimit import REDIS_PREFIX, RedisTokenBucket, TokenBucket
 from service.settings import get_settings
 
 UPLOAD_LIMIT = 100_000
@@ -64,13 +65,21 @@ def hostile(store_kind, request, tmp_path, monkeypatch):
 
 @pytest.fixture
 def world(hostile, tmp_path):
-    """alice with a job (with metrics and an artifact) and a dataset; bob; mallory, whose key is revoked."""
+    """alice with a job (with metrics and an artifact) and a dataset; bob; mallory, whose key is revoked; eve,
+    whose key has expired."""
     store = hostile.app.state.store
     keys = {}
     for owner in ("alice", "bob", "mallory"):
         key, plaintext = store.create_api_key(owner)
         keys[owner] = {"Authorization": f"Bearer {plaintext}"}
     store.revoke_api_key(key.id)
+    clock = store.clock
+    store.clock = lambda: clock() - timedelta(days=2)
+    try:  # a key made two days ago to live one day
+        _, plaintext = store.create_api_key("eve", expires_in=timedelta(days=1))
+    finally:
+        store.clock = clock
+    keys["eve"] = {"Authorization": f"Bearer {plaintext}"}
     job = hostile.post("/v1/jobs", json=TINY, headers=keys["alice"]).json()
     store.record_metrics(job["id"], [{"step": 1, "loss": 2.0}])
     artifact = tmp_path / "adapter_config.json"
@@ -185,6 +194,9 @@ CASES = [
     pytest.param("POST", "/v1/jobs", json.dumps(TINY).encode(), "mallory", {401}, id="revoked-submit"),
     pytest.param("POST", "/v1/jobs/{job}/cancel", None, "mallory", {401}, id="revoked-cancel"),
     pytest.param("POST", "/v1/datasets", JSONL, "mallory", {401}, id="revoked-upload"),
+    pytest.param("POST", "/v1/jobs", json.dumps(TINY).encode(), "eve", {401}, id="expired-submit"),
+    pytest.param("GET", "/v1/jobs", None, "eve", {401}, id="expired-list"),
+    pytest.param("POST", "/v1/datasets", JSONL, "eve", {401}, id="expired-upload"),
     pytest.param("GET", "/v1/jobs", None, "junk-key", {401}, id="junk-10k-key"),
     pytest.param("DELETE", "/v1/jobs/{job}", None, "alice", {405}, id="wrong-method"),
 ]
@@ -290,6 +302,38 @@ def test_submissions_past_the_per_key_rate_get_429_with_retry_after(limited):
     assert limited.post("/v1/jobs", json=TINY, headers=bob).status_code == 201
     assert limited.get("/v1/jobs", headers=alice).status_code == 200
     assert limited.post("/v1/estimate", json=TINY, headers=alice).status_code == 200
+
+
+def test_api_processes_on_one_redis_share_each_keys_limit(tmp_path, monkeypatch):
+    """Two API apps (as two processes behind a balancer) on one Redis: alice's burst of 3 is spent across both."""
+    monkeypatch.delenv("QAA_DATABASE_URL", raising=False)
+    monkeypatch.setenv("QAA_HOME", str(tmp_path / "qaa-home"))
+    monkeypatch.setenv("QAA_BROKER_URL", redis_url())
+    monkeypatch.setenv("QAA_SUBMIT_RATE_PER_MINUTE", "6")
+    monkeypatch.setenv("QAA_SUBMIT_BURST", "3")
+    get_settings.cache_clear()
+    apps = [TestClient(create_app(get_settings()), raise_server_exceptions=False) for _ in range(2)]
+    with apps[0] as one, apps[1] as two:
+        assert isinstance(one.app.state.submit_limiter, RedisTokenBucket)
+        alice, bob = ({"Authorization": f"Bearer {one.app.state.store.create_api_key(o)[1]}"} for o in ("alice", "bob"))
+        answers = [client.post("/v1/jobs", json=TINY, headers=alice) for client in (one, two, one, two)]
+        assert [a.status_code for a in answers] == [201, 201, 201, 429]
+        assert 1 <= int(answers[-1].headers["retry-after"]) <= 10
+        assert two.post("/v1/jobs", json=TINY, headers=bob).status_code == 201
+    get_settings.cache_clear()
+
+
+def test_the_shared_limit_matches_the_local_bucket_and_lets_requests_through_when_redis_is_down(caplog):
+    shared = RedisTokenBucket(redis_url(), per_minute=60, burst=2)
+    key = secrets.token_hex(8)
+    assert [shared.take(key), shared.take(key)] == [0.0, 0.0]
+    assert 0.9 < shared.take(key) <= 1.0  # one token a second
+    assert shared.take(secrets.token_hex(8)) == 0.0
+    assert 2 <= shared._client.pttl(REDIS_PREFIX + key) <= 3000  # gone once it would have refilled
+    down = RedisTokenBucket("redis://127.0.0.1:1/0", per_minute=60, burst=1)
+    with caplog.at_level("WARNING", logger="qaa.api"):
+        assert [down.take(key), down.take(key)] == [0.0, 0.0]
+    assert "rate limit not applied: Redis did not answer (ConnectionError)" in caplog.text
 
 
 def test_the_token_bucket_refills_at_its_rate_and_forgets_idle_keys(monkeypatch):

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.pool import NullPool
@@ -27,6 +28,7 @@ from service.store import (
     JobStatus,
     MetricPoint,
     Store,
+    alembic_config,
     decode_cursor,
     hash_api_key,
     make_engine,
@@ -125,6 +127,27 @@ def test_schema_is_not_current_before_migration(tmp_path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'empty' / 'qaa.db'}")  # parent directory is created
     assert not schema_is_current(engine)
     engine.dispose()
+
+
+def test_keys_made_before_expiry_existed_stay_live_across_the_upgrade(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'qaa.db'}"
+    migrate(url, "0002")
+    engine = make_engine(url)
+    with engine.begin() as conn:  # a key as 0002 stored it, without the column
+        conn.execute(
+            sa.text(
+                "INSERT INTO api_keys (id, owner, key_hash, prefix, created_at) "
+                "VALUES ('key_1', 'alice', :h, 'qaa_', :t)"
+            ),
+            {"h": hash_api_key("qaa_old"), "t": T0.replace(tzinfo=None)},
+        )
+    migrate(url)
+    store = Store(engine)
+    assert store.verify_api_key("qaa_old") == "alice"
+    assert [k.expires_at for k in store.list_api_keys()] == [None]
+    command.downgrade(alembic_config(url), "0002")
+    assert not schema_is_current(engine)
+    store.close()
 
 
 def test_sqlite_pragmas(tmp_path) -> None:
@@ -492,6 +515,27 @@ def test_api_keys(store: Store) -> None:
     assert store.verify_api_key(plaintext) is None
     assert store.list_api_keys("alice")[0].revoked_at == T0
     assert store.revoke_api_key(other.id, owner="bob") is True
+
+
+def test_api_keys_expire_at_their_lifetime_and_not_before(store: Store) -> None:
+    now = T0
+    store.clock = lambda: now
+    key, plaintext = store.create_api_key("alice", expires_in=timedelta(days=1))
+    forever, forever_plaintext = store.create_api_key("alice")
+    assert (key.expires_at, forever.expires_at) == (T0 + timedelta(days=1), None)
+    now = T0 + timedelta(days=1) - timedelta(seconds=1)
+    assert store.verify_api_key(plaintext) == "alice"
+    now = T0 + timedelta(days=1)  # the expiry instant itself is past the key's life
+    assert store.verify_api_key(plaintext) is None
+    assert store.verify_api_key(forever_plaintext) == "alice"
+    now = T0 + timedelta(days=10_000)
+    assert store.verify_api_key(forever_plaintext) == "alice"
+    listed = {k.id: k.expires_at for k in store.list_api_keys("alice")}
+    assert listed == {key.id: T0 + timedelta(days=1), forever.id: None}  # read back aware, in UTC
+    for lifetime in (timedelta(0), timedelta(seconds=-1)):
+        with pytest.raises(ValueError, match="lifetime must be positive"):
+            store.create_api_key("alice", expires_in=lifetime)
+    assert len(store.list_api_keys("alice")) == 2  # nothing made by the refused calls
 
 
 def test_naive_datetimes_are_refused(store: Store) -> None:

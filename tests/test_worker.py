@@ -284,6 +284,18 @@ def test_qaa_keys_create_list_revoke(tmp_path, monkeypatch):
         assert again.exit_code == 1 and f"no live key '{key_id}'" in again.output
         assert "revoked: 20" in runner.invoke(app, ["keys", "list", "--owner", "alice"]).stdout
 
+        created = runner.invoke(app, ["keys", "create", "bob", "--expires-in", "2w"])
+        assert created.exit_code == 0 and "expires 20" in created.stderr, created.output
+        key_id, owner, _, _, state, created_at, expires, revoked = runner.invoke(
+            app, ["keys", "list", "--owner", "bob"]
+        ).stdout.strip().split("\t")
+        lifetime = datetime.fromisoformat(expires.removeprefix("expires: ")) - datetime.fromisoformat(created_at)
+        assert (owner, state, revoked, lifetime) == ("bob", "live", "revoked: -", timedelta(weeks=2))
+        for bad in ("0d", "soon", "-3d", "12y"):
+            refused = runner.invoke(app, ["keys", "create", "bob", "--expires-in", bad])
+            assert refused.exit_code == 2 and "such as 90d or 12h" in refused.output, (bad, refused.output)
+        assert len(runner.invoke(app, ["keys", "list", "--owner", "bob"]).stdout.strip().splitlines()) == 1
+
 
 def test_qaa_worker_rejects_unknown_queues():
     from workers.cli import app

@@ -6,6 +6,9 @@ It lives in `workers/` because `qaa worker` needs the worker's Celery app and `s
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime, timedelta
+
 import typer
 
 from service.queueing import QUEUES
@@ -21,6 +24,17 @@ def parse_queues(text: str) -> list[str]:
     if not names or unknown:
         raise typer.BadParameter(f"queues are a comma-separated subset of {','.join(QUEUES)}, got {text!r}")
     return list(dict.fromkeys(names))
+
+
+DURATION_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90d`, `12h`, `30m`, `2w`: a key's lifetime."""
+    match = re.fullmatch(r"\s*(\d{1,6})\s*([mhdw])\s*", text or "")
+    if match is None or int(match[1]) == 0:
+        raise typer.BadParameter(f"a positive whole number of m, h, d or w, such as 90d or 12h; got {text!r}")
+    return timedelta(**{DURATION_UNITS[match[2]]: int(match[1])})
 
 
 @app.command()
@@ -189,31 +203,41 @@ def _store():
 def keys_create(
     owner: str = typer.Argument(..., help="The owner the key acts for."),
     label: str = typer.Option(None, help="A note to recognise the key by."),
+    expires_in: str = typer.Option(None, help="Lifetime, e.g. 90d, 12h, 2w (default: until revoked)."),
 ) -> None:
     """Create a key and print it once: only its hash is stored."""
+    lifetime = parse_duration(expires_in) if expires_in is not None else None
     store = _store()
     try:
-        key, plaintext = store.create_api_key(owner, label=label)
+        key, plaintext = store.create_api_key(owner, label=label, expires_in=lifetime)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="OWNER") from exc
     finally:
         store.close()
-    typer.echo(f"created {key.id} for {key.owner}; the key (shown once):", err=True)
+    until = f", expires {_when(key.expires_at)}" if key.expires_at else ""
+    typer.echo(f"created {key.id} for {key.owner}{until}; the key (shown once):", err=True)
     typer.echo(plaintext)
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.isoformat(timespec="seconds") if moment else "-"
 
 
 @keys.command("list")
 def keys_list(owner: str = typer.Option(None, help="Only this owner's keys.")) -> None:
-    """List keys (id, owner, prefix, label, created, revoked); never the keys themselves."""
+    """List keys (id, owner, prefix, label, state, created, expires, revoked); never the keys themselves."""
     store = _store()
     try:
         rows = store.list_api_keys(owner)
     finally:
         store.close()
+    now = datetime.now(UTC)
     for key in rows:
-        revoked = key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "-"
-        created = key.created_at.isoformat(timespec="seconds")
-        typer.echo(f"{key.id}\t{key.owner}\t{key.prefix}...\t{key.label or '-'}\t{created}\trevoked: {revoked}")
+        state = "revoked" if key.revoked_at else "expired" if key.expires_at and key.expires_at <= now else "live"
+        typer.echo(
+            f"{key.id}\t{key.owner}\t{key.prefix}...\t{key.label or '-'}\t{state}\t{_when(key.created_at)}\t"
+            f"expires: {_when(key.expires_at)}\trevoked: {_when(key.revoked_at)}"
+        )
 
 
 @keys.command("revoke")

@@ -178,7 +178,8 @@ class Dataset(Base):
 
 
 class ApiKey(Base):
-    """An API key. Only its SHA-256 is stored: the plaintext is shown once, at creation."""
+    """An API key. Only its SHA-256 is stored: the plaintext is shown once, at creation. A key is live until it
+    is revoked or its `expires_at` passes."""
 
     __tablename__ = "api_keys"
 
@@ -189,6 +190,8 @@ class ApiKey(Base):
     label: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+    #: None: the key lives until revoked.
+    expires_at: Mapped[datetime | None]
 
 
 class Credential(Base):

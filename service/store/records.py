@@ -6,9 +6,10 @@ import hashlib
 import math
 import secrets
 from collections.abc import Iterable, Mapping
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Insert, select, update
+from sqlalchemy import Insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.store.base import StoreBase, check_owner, new_id
@@ -158,29 +159,38 @@ class RecordRepo(StoreBase):
 
     # --- API keys ---
 
-    def create_api_key(self, owner: str, label: str | None = None) -> tuple[ApiKey, str]:
-        """A new key for `owner`: the row, and the plaintext, which is never stored nor shown again."""
+    def create_api_key(
+        self, owner: str, label: str | None = None, expires_in: timedelta | None = None
+    ) -> tuple[ApiKey, str]:
+        """A new key for `owner`: the row, and the plaintext, which is never stored nor shown again. With
+        `expires_in` the key stops working that long after creation; without it, only revocation ends it."""
+        if expires_in is not None and expires_in <= timedelta(0):
+            raise ValueError(f"a key's lifetime must be positive, not {expires_in}")
         plaintext = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        now = self._now()
         key = ApiKey(
             id=new_id("key"),
             owner=check_owner(owner),
             key_hash=hash_api_key(plaintext),
             prefix=plaintext[:12],
             label=label,
-            created_at=self._now(),
+            created_at=now,
+            expires_at=now + expires_in if expires_in is not None else None,
         )
         with self._write() as s:
             s.add(key)
         return key, plaintext
 
     def verify_api_key(self, plaintext: str) -> str | None:
-        """The owner of a live key, or None (unknown, revoked, or not a key at all)."""
+        """The owner of a live key, or None (unknown, revoked, expired, or not a key at all)."""
         if not plaintext or len(plaintext) > 200:
             return None
         with self._read() as s:
             return s.scalar(
                 select(ApiKey.owner).where(
-                    ApiKey.key_hash == hash_api_key(plaintext), ApiKey.revoked_at.is_(None)
+                    ApiKey.key_hash == hash_api_key(plaintext),
+                    ApiKey.revoked_at.is_(None),
+                    or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > self._now()),
                 )
             )
 
