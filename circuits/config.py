@@ -40,16 +40,13 @@ class QAAConfig(BaseModel):
         default_factory=lambda: ["q_proj", "v_proj"],
         description="Module-name suffixes, or one regex matched against the full module name (as in PEFT).",
     )
-    qubits: Literal["auto"] | int = Field(
-        "auto", description="ceil(log2 d_in) with `auto`, or a fixed register size."
-    )
+    qubits: Literal["auto"] | int = Field("auto", description="ceil(log2 d_in) with `auto`, or a fixed register size.")
     layers: int = Field(2, ge=1, le=32, description="Ansatz layers L.")
     entangler: Entangler = "ring"
     readout: Readout = "expval"
     compress: Compress = Field(
         "none",
-        description="How d_in maps onto 2^n amplitudes when 2^n < d_in: a fixed orthonormal map or a learned "
-        "one.",
+        description="How d_in maps onto 2^n amplitudes when 2^n < d_in: a fixed orthonormal map or a learned one.",
     )
     alpha: float = Field(1.0, description="Fixed scale of the adapter's update.")
     backend: str = Field("exact", description="exact | aer | fake:<FakeBackend> | ibm:<backend>.")
@@ -57,9 +54,7 @@ class QAAConfig(BaseModel):
     seed: int = Field(0, ge=0, description="Seeds theta's initialisation and the fixed compression matrix.")
 
     # Circuit-backend options (ignored by `exact`).
-    shots: int | None = Field(
-        None, ge=1, le=1_000_000, description="None = exact expectations where allowed."
-    )
+    shots: int | None = Field(None, ge=1, le=1_000_000, description="None = exact expectations where allowed.")
     input_grad: Literal["shift", "none"] = Field(
         "shift",
         description="Input gradients through the data angles by parameter-shift, or none (frozen input).",
@@ -81,9 +76,7 @@ class QAAConfig(BaseModel):
         description="Passed through to the runtime Sampler options on `fake:`/`ibm:` (dynamical decoupling, "
         "twirling, ...), e.g. {'twirling': {'enable_gates': True}}.",
     )
-    max_circuits: int | None = Field(
-        None, ge=1, description="Budget: a job estimated above it is refused up front."
-    )
+    max_circuits: int | None = Field(None, ge=1, description="Budget: a job estimated above it is refused up front.")
     max_shots: int | None = Field(None, ge=1, description="Budget on total shots, checked like max_circuits.")
 
     @field_validator("qubits")
@@ -104,8 +97,7 @@ class QAAConfig(BaseModel):
     def _gradient_fits_backend(self) -> QAAConfig:
         if self.gradient == "exact" and self.backend != "exact":
             raise ValueError(
-                f"gradient 'exact' needs backend 'exact'; backend {self.backend!r} takes 'parameter-shift' "
-                "or 'spsa'"
+                f"gradient 'exact' needs backend 'exact'; backend {self.backend!r} takes 'parameter-shift' or 'spsa'"
             )
         return self
 
@@ -137,8 +129,7 @@ class QAAConfig(BaseModel):
             )
         if 2**n < d_in and self.compress == "none":
             raise ValueError(
-                f"{n} qubits hold {2**n} amplitudes but d_in={d_in}; set compress: fixed or learned, "
-                "or qubits: auto"
+                f"{n} qubits hold {2**n} amplitudes but d_in={d_in}; set compress: fixed or learned, or qubits: auto"
             )
         return n
 

@@ -55,9 +55,7 @@ def estimate(config: QAAConfig, tokens_per_step: int, steps: int, d_in: int, ada
     shots = config.effective_shots() or 0
     notes = []
     if config.readout == "probs" and shots:
-        notes.append(
-            f"probs reads {2**n} probabilities per circuit: {shots} shots give about 1/sqrt(shots) each"
-        )
+        notes.append(f"probs reads {2**n} probabilities per circuit: {shots} shots give about 1/sqrt(shots) each")
     if config.embedding == "direct":
         notes.append("embedding direct sets the ideal state: the preparation's noise is not simulated")
     if config.gradient == "spsa":

@@ -1,6 +1,6 @@
 """`QAALayer`: a frozen linear map plus the quantum-amplitude update of DESIGN.md.
 
-    y = f(x) + alpha * ||z|| * Up(r(U(theta) |psi(z)>))
+y = f(x) + alpha * ||z|| * Up(r(U(theta) |psi(z)>))
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         d_in, d_out = module.weight.shape
         return d_in, d_out
-    raise TypeError(
-        f"QAA cannot wrap {type(module).__name__}; supported modules: torch.nn.Linear, transformers Conv1D"
-    )
+    raise TypeError(f"QAA cannot wrap {type(module).__name__}; supported modules: torch.nn.Linear, transformers Conv1D")
 
 
 def _generator(seed: int, name: str) -> torch.Generator:

@@ -12,16 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QAA_", extra="ignore")
 
-    home: Path = Field(
-        Path("~/.qaa"), description="Root of the embedded store, artifacts, caches and models."
-    )
+    home: Path = Field(Path("~/.qaa"), description="Root of the embedded store, artifacts, caches and models.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; SQLite under `home` when unset.")
-    broker_url: str | None = Field(
-        None, description="Celery broker URL; the embedded no-server broker when unset."
-    )
-    ibm_token: SecretStr | None = Field(
-        None, description="IBM Quantum API token for `ibm:` backends (workers only)."
-    )
+    broker_url: str | None = Field(None, description="Celery broker URL; the embedded no-server broker when unset.")
+    ibm_token: SecretStr | None = Field(None, description="IBM Quantum API token for `ibm:` backends (workers only).")
     ibm_instance: str | None = Field(None, description="IBM Quantum instance (CRN) for `ibm:` backends.")
     secret_key: SecretStr | None = Field(
         None,

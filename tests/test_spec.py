@@ -88,9 +88,7 @@ def test_minimal_spec_defaults() -> None:
 
 
 def test_spec_round_trips_through_json() -> None:
-    s = spec(
-        method={"kind": "qaa", "qubits": 4, "compress": "learned"}, quantum={"backend": "aer", "shots": 1024}
-    )
+    s = spec(method={"kind": "qaa", "qubits": 4, "compress": "learned"}, quantum={"backend": "aer", "shots": 1024})
     again = parse_spec(s.model_dump(mode="json"))
     assert again == s
 
@@ -221,9 +219,7 @@ def test_dataset_forms_rejected(dataset: str) -> None:
     assert error_at({**BASE, "dataset": dataset}, "dataset")
 
 
-@pytest.mark.parametrize(
-    "backend", ["exact", "aer", "fake:FakeManilaV2", "fake:FakeTorino", "ibm:ibm_torino"]
-)
+@pytest.mark.parametrize("backend", ["exact", "aer", "fake:FakeManilaV2", "fake:FakeTorino", "ibm:ibm_torino"])
 def test_backend_names_accepted(backend: str) -> None:
     assert spec(quantum={"backend": backend}).quantum.backend == backend
 
@@ -236,13 +232,8 @@ def test_backend_names_rejected(backend: str) -> None:
 def test_gradient_rules() -> None:
     assert spec(quantum={"backend": "aer"}).quantum.gradient == "parameter-shift"
     assert spec(quantum={"backend": "aer", "gradient": "spsa"}).quantum.gradient == "spsa"
-    assert (
-        spec(quantum={"backend": "exact", "gradient": "parameter-shift"}).quantum.gradient
-        == "parameter-shift"
-    )
-    message = error_at(
-        {**BASE, "quantum": {"backend": "fake:FakeManilaV2", "gradient": "exact"}}, "quantum.gradient"
-    )
+    assert spec(quantum={"backend": "exact", "gradient": "parameter-shift"}).quantum.gradient == "parameter-shift"
+    message = error_at({**BASE, "quantum": {"backend": "fake:FakeManilaV2", "gradient": "exact"}}, "quantum.gradient")
     assert "needs backend 'exact'" in message
 
 
@@ -257,14 +248,10 @@ def test_aer_options_only_on_aer(option: dict) -> None:
 def test_other_quantum_rules() -> None:
     assert "circuit backend" in error_at({**BASE, "quantum": {"shots": 100}}, "quantum.shots")
     for backend in ("ibm:ibm_torino", "fake:FakeManilaV2"):
-        message = error_at(
-            {**BASE, "quantum": {"backend": backend, "embedding": "direct"}}, "quantum.embedding"
-        )
+        message = error_at({**BASE, "quantum": {"backend": backend, "embedding": "direct"}}, "quantum.embedding")
         assert "needs embedding 'gates'" in message
     assert spec(quantum={"backend": "aer", "embedding": "direct"}).quantum.embedding == "direct"
-    assert "FakeManilaV2" in error_at(
-        {**BASE, "quantum": {"backend": "aer", "noise": "manila"}}, "quantum.noise"
-    )
+    assert "FakeManilaV2" in error_at({**BASE, "quantum": {"backend": "aer", "noise": "manila"}}, "quantum.noise")
     assert "1000000" in error_at({**BASE, "quantum": {"backend": "aer", "shots": 10**7}}, "quantum.shots")
 
 

@@ -485,9 +485,7 @@ def test_artifacts_upsert_by_name(store: Store, clock: Clock) -> None:
 def test_datasets_are_owner_scoped(store: Store, clock: Clock) -> None:
     first = store.create_dataset("alice", "restaurants.jsonl", rows=120, size=4096, path="/d/1.jsonl")
     clock.advance(1)
-    second = store.create_dataset(
-        "alice", "b.jsonl", rows=3, size=90, path="/d/2.jsonl", dataset_id="ds_00ff"
-    )
+    second = store.create_dataset("alice", "b.jsonl", rows=3, size=90, path="/d/2.jsonl", dataset_id="ds_00ff")
     assert first.id.startswith("ds_") and second.id == "ds_00ff"
     assert store.get_dataset(first.id, "alice").rows == 120
     assert store.get_dataset(first.id, "bob") is None

@@ -286,9 +286,9 @@ def test_qaa_keys_create_list_revoke(tmp_path, monkeypatch):
 
         created = runner.invoke(app, ["keys", "create", "bob", "--expires-in", "2w"])
         assert created.exit_code == 0 and "expires 20" in created.stderr, created.output
-        key_id, owner, _, _, state, created_at, expires, revoked = runner.invoke(
-            app, ["keys", "list", "--owner", "bob"]
-        ).stdout.strip().split("\t")
+        key_id, owner, _, _, state, created_at, expires, revoked = (
+            runner.invoke(app, ["keys", "list", "--owner", "bob"]).stdout.strip().split("\t")
+        )
         lifetime = datetime.fromisoformat(expires.removeprefix("expires: ")) - datetime.fromisoformat(created_at)
         assert (owner, state, revoked, lifetime) == ("bob", "live", "revoked: -", timedelta(weeks=2))
         for bad in ("0d", "soon", "-3d", "12y"):

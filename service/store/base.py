@@ -54,9 +54,7 @@ class StoreBase:
         self.clock = clock
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         # Writers take SQLite's write lock at BEGIN, so read-then-write never fails on lock upgrade.
-        self._write_sessions = sessionmaker(
-            engine.execution_options(**{IMMEDIATE: True}), expire_on_commit=False
-        )
+        self._write_sessions = sessionmaker(engine.execution_options(**{IMMEDIATE: True}), expire_on_commit=False)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, *, migrate: bool = False) -> Self:

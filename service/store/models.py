@@ -140,9 +140,7 @@ class MetricPoint(Base):
 
     __tablename__ = "metric_points"
 
-    job_id: Mapped[str] = mapped_column(
-        String(ID_LENGTH), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
-    )
+    job_id: Mapped[str] = mapped_column(String(ID_LENGTH), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
 

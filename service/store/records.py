@@ -96,9 +96,7 @@ class RecordRepo(StoreBase):
             s.execute(stmt, payload)
         return len(payload)
 
-    def metrics_after(
-        self, job_id: str, after_step: int | None = None, limit: int = 1000
-    ) -> list[dict[str, Any]]:
+    def metrics_after(self, job_id: str, after_step: int | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         """Points with step > `after_step` (all when None), in step order, as `{"step": n, **values}`."""
         if not 1 <= limit <= MAX_METRICS_PAGE:
             raise ValueError(f"limit must be between 1 and {MAX_METRICS_PAGE}, got {limit}")
