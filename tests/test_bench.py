@@ -108,3 +108,23 @@ def test_quick_bench_runs_every_row_as_a_job_and_writes_the_table(tmp_path):
                 assert {k: job.spec[part][k] for k in config[part]} == config[part]
     finally:
         services.close()
+
+
+def test_a_row_of_three_seeds_reports_means_spreads_the_fastest_step_and_the_highest_peak():
+    from workers.bench import Row, summarize
+
+    def job(seed: int, status: str, bleu: float, step_s: float, peak: float) -> dict:
+        evaluation = {"bleu": bleu, "eval_loss": 1.0 + seed, "seconds_per_step": step_s, "peak_memory_mb": peak,
+                      "trainable_params": 10, "trainable_share": 0.5}  # fmt: skip
+        return {"status": status, "evaluation": evaluation, "spec": {"training": {"seed": seed}}}
+
+    row = Row("lora", "r=8", {"training": {"steps": 5, "seed": 0}}, [0, 1, 2, 3], "headline")
+    row.jobs = [job(0, "succeeded", 30.0, 1.5, 900), job(1, "succeeded", 34.0, 1.0, 1000),
+                job(2, "succeeded", 35.0, 3.0, 950), job(3, "failed", 99.0, 0.1, 5000)]  # fmt: skip
+    out = summarize(row)
+    assert out["seeds"] == [0, 1, 2]  # the failed seed counts nowhere
+    assert out["bleu"] == pytest.approx(33.0) and out["bleu_std"] == pytest.approx(2.6457513)
+    assert (out["eval_loss"], out["eval_loss_std"]) == (2.0, 1.0)
+    assert (out["seconds_per_step"], out["peak_memory_mb"]) == (1.0, 1000)
+    assert out["rouge1"] is None and out["rouge1_std"] is None  # not measured: no number invented
+    assert out["config"] == {"training": {"steps": 5}}
