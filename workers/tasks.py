@@ -7,7 +7,8 @@ which claims the job again and lets the trainer resume from its last checkpoint.
 - The lease: `Store.claim_job` lets exactly one worker hold a job; `Lease` renews it every step (so a
   cancel is seen within one step) and from a background thread every `heartbeat_seconds` (so a long step,
   model loading or the final evaluation do not lose it). If the store is unreachable for a while the run
-  goes on until the lease it last renewed would have expired, then stops: another worker may own it now.
+  goes on until the lease it last renewed would have expired, then stops: another worker may own it now; the
+  writes that end a job (last metrics, artifacts, status) are retried for as long (`Lease.retry`).
 - Failures: `JobError` (bad input: unknown model, malformed dataset, ...) ends the job `failed` with its
   message; any other exception ends it `failed` with a one-line `Type: message`, the traceback going only to
   the worker log. Nothing propagates: the worker serves the next job.
@@ -24,10 +25,13 @@ import logging
 import resource
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from circuits.backends import environment
 from service.settings import Settings
@@ -43,6 +47,9 @@ MAX_ERROR_LINE = 2000
 RELEASED = "released"
 #: Set by the worker's shutdown signal (`workers.app`): running jobs stop at their next step and are released.
 SHUTTING_DOWN = threading.Event()
+#: What the store raises while it is down or restarting (the API answers 503 for the same).
+STORE_UNREACHABLE = (OperationalError, InterfaceError, PoolTimeout)
+T = TypeVar("T")
 
 
 class Lease:
@@ -95,6 +102,21 @@ class Lease:
 
     def should_continue(self, step: int) -> bool:
         return self.renew() and not SHUTTING_DOWN.is_set()
+
+    def retry(self, what: str, write: Callable[[], T]) -> T:
+        """`write()`, retried while the store is unreachable and the lease we last renewed still holds: the end
+        of a job (last metrics, artifacts, final status) waits out a store restart instead of failing the job.
+        Once the lease would have expired the error propagates: another worker may own the job by then."""
+        delay = 0.5
+        while True:
+            try:
+                return write()
+            except STORE_UNREACHABLE as exc:
+                if time.monotonic() + delay >= self._valid_until:
+                    raise
+                log.warning("job %s: %s waits for the store (%s)", self.job_id, what, type(exc).__name__)
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
@@ -264,22 +286,22 @@ def _train(
             models_dir=settings.models_dir,
             resolve_dataset=dataset_resolver(store, owner),
         )
-    sink.flush()
+    lease.retry("writing the last metrics", sink.flush)
     if lease.ours:
-        register_artifacts(store, lease.job_id, run_dir, result.artifacts)
+        lease.retry("registering artifacts", lambda: register_artifacts(store, lease.job_id, run_dir, result.artifacts))
     return JobStatus(result.status), result.evaluation, result.usage
 
 
 def _release(store: Store, job_id: str, worker_id: str, lease: Lease) -> str:
     """Hand the job back at a clean shutdown; the task then returns its message to the queue (`RELEASED`)."""
-    if not store.release_job(job_id, worker_id):
+    if not lease.retry("handing the job back", lambda: store.release_job(job_id, worker_id)):
         return "lost"
     log.info("job %s: released at step %s for the next worker (shutting down)", job_id, lease.step)
     return RELEASED
 
 
 def _finish(store: Store, job_id: str, worker_id: str, lease: Lease, status: JobStatus, **fields: Any) -> str:
-    if store.finish_job(job_id, worker_id, status, step=lease.step, **fields):
+    if lease.retry("recording the end", lambda: store.finish_job(job_id, worker_id, status, step=lease.step, **fields)):
         log.info("job %s: %s", job_id, status.value)
         return status.value
     log.warning("job %s: ended %s here, but the lease had passed to another worker", job_id, status.value)
