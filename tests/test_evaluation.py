@@ -57,3 +57,33 @@ def test_peak_memory_is_the_rss_high_water_mark_on_cpu():
 def test_empty_generation_scores_zero_bertscore():
     scores = score(["", SENTENCES[0]], [SENTENCES[0], SENTENCES[0]], ["bertscore"])
     assert scores["bertscore_f1"] == pytest.approx(0.5, abs=1e-4)  # (0 + 1) / 2
+
+
+def test_prefix_tuning_generates_with_its_prefix():
+    """Greedy generation of a PEFT prefix-tuned model equals greedy decoding by full forwards (the prefix applied
+    at every step), and differs from the base model's: transformers 5's generation cache would drop the prefix."""
+    from service.spec import parse_spec
+    from workers.methods import prepare
+
+    spec = {"model": "builtin:tiny-llama", "dataset": "builtin:restaurants", "method": {"kind": "prefix"}}
+    model, tokenizer = load_model("builtin:tiny-llama")
+    prompts = [e.prompt for e in restaurants().test[:3]]
+    kwargs = {"chat": False, "max_length": 32, "max_new_tokens": 6, "batch_size": 3, "device": torch.device("cpu")}
+    base = generate(model, tokenizer, prompts, **kwargs)
+    tuned = prepare(model, parse_spec(spec)).model
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 3)
+    generated = generate(tuned, tokenizer, prompts, **kwargs)
+
+    expected = []
+    for prompt in prompts:  # one at a time: no padding, and nothing cached between steps
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids[:, -32:]
+        start = ids.shape[1]
+        with torch.no_grad():
+            for _ in range(6):
+                ids = torch.cat([ids, tuned(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        expected.append(tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip())
+    assert generated == expected
+    assert generated != base

@@ -65,11 +65,20 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, chat: bool, 
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            **_uncached_if_prompt_learning(model),
         )  # fmt: skip
         for row in out[:, width:]:
             outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     model.train(was_training)
     return outputs
+
+
+def _uncached_if_prompt_learning(model: Any) -> dict[str, bool]:
+    """PEFT prefix tuning injects its prefix as `past_key_values`; with transformers 5 `generate` passes its own
+    `cache`, and the model then drops the prefix (it would generate as the base model). Without a generation
+    cache every step is a full forward through PEFT, so the prefix is applied."""
+    config = getattr(model, "active_peft_config", None)
+    return {"use_cache": False} if getattr(config, "is_prompt_learning", False) else {}
 
 
 def minilm_path() -> Path:
