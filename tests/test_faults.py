@@ -165,8 +165,14 @@ def test_three_sigkills_mid_step_lose_nothing_and_match_an_uninterrupted_run(pro
             job = submit(services, spec)
             killed_at = []
             for n, target in enumerate((4, 8, 13), start=2):  # none on a checkpoint: steps are redone each time
+                # Held by a live worker (after a kill the lease names the dead one until another claims the job;
+                # on a fast machine the dead one may already have recorded the next target's steps).
                 wait_until(
-                    lambda t=target: max(metric_steps(services, job.id), default=0) >= t, JOB_TIMEOUT, interval=0.02
+                    lambda t=target: (
+                        max(metric_steps(services, job.id), default=0) >= t and worker_pid(services, job.id) in workers
+                    ),
+                    JOB_TIMEOUT,
+                    interval=0.02,
                 )
                 holder = workers.pop(worker_pid(services, job.id))
                 holder.kill()  # SIGKILL while the next step is under way
