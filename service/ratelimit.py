@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Protocol
+from typing import Annotated
 
 from fastapi import Depends, Request
 
@@ -32,14 +32,20 @@ REDIS_PREFIX = "qaa:submit-rate:"
 log = logging.getLogger("qaa.api")
 
 
-class Limiter(Protocol):
-    rate: float
-    burst: int
+class Limiter:
+    """`burst` tokens per key refilled at `per_minute` per minute; `take` is where the buckets live."""
+
+    def __init__(self, per_minute: float, burst: int):
+        self.rate = per_minute / 60.0
+        self.burst = burst
 
     @property
-    def enabled(self) -> bool: ...
+    def enabled(self) -> bool:
+        return self.rate > 0
 
-    def take(self, key: str) -> float: ...
+    def take(self, key: str) -> float:
+        """Take one token for `key`: 0.0 when granted, else the seconds until one is available."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -48,22 +54,16 @@ class _Bucket:
     stamp: float
 
 
-class TokenBucket:
-    """Buckets of `burst` tokens refilled at `per_minute` per minute, one per key; thread-safe."""
+class TokenBucket(Limiter):
+    """The buckets in this process's memory, one per key; thread-safe."""
 
     def __init__(self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic):
-        self.rate = per_minute / 60.0
-        self.burst = burst
+        super().__init__(per_minute, burst)
         self.clock = clock
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
 
-    @property
-    def enabled(self) -> bool:
-        return self.rate > 0
-
     def take(self, key: str) -> float:
-        """Take one token for `key`: 0.0 when granted, else the seconds until one is available."""
         if not self.enabled:
             return 0.0
         now = self.clock()
@@ -106,22 +106,17 @@ return string.format('%.17g', wait)
 """
 
 
-class RedisTokenBucket:
+class RedisTokenBucket(Limiter):
     """`TokenBucket` shared by every API process through Redis. If Redis does not answer, submissions are let
     through (logged): the limit protects the service and must not become the thing that takes it down."""
 
     def __init__(self, url: str, per_minute: float, burst: int):
         import redis
 
-        self.rate = per_minute / 60.0
-        self.burst = burst
+        super().__init__(per_minute, burst)
         self._client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         self._take = self._client.register_script(_TAKE)
         self._errors = (redis.RedisError, OSError)
-
-    @property
-    def enabled(self) -> bool:
-        return self.rate > 0
 
     def take(self, key: str) -> float:
         if not self.enabled:
