@@ -16,8 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy.exc import DataError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import DataError
 
 from service import queueing
 from service.api import credentials, datasets, jobs, system
@@ -27,7 +26,7 @@ from service.problems import install_handlers, problem_response
 from service.ratelimit import submit_limiter
 from service.settings import Settings, get_settings
 from service.spec import JobSpec
-from service.store import Store
+from service.store import STORE_UNREACHABLE, Store
 
 log = logging.getLogger("qaa.api")
 
@@ -68,7 +67,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.registry = registry
     app.add_middleware(LatencyMiddleware, histogram=latency)
     install_handlers(app)
-    for error in (OperationalError, InterfaceError, PoolTimeout):
+    for error in STORE_UNREACHABLE:
         app.add_exception_handler(error, _store_unavailable)
     app.add_exception_handler(DataError, _unstorable_value)
     for module in (jobs, datasets, credentials, system):

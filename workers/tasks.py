@@ -30,13 +30,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
-
 from circuits.backends import environment
 from service.settings import Settings
 from service.spec import JobSpec
-from service.store import JobStatus, Store
+from service.store import STORE_UNREACHABLE, JobStatus, Store
 from service.vault import SecretKeyMissing, SecretUnreadable, secret_box
 from workers.trainer import JobError, TrainingHooks, train
 
@@ -47,8 +44,6 @@ MAX_ERROR_LINE = 2000
 RELEASED = "released"
 #: Set by the worker's shutdown signal (`workers.app`): running jobs stop at their next step and are released.
 SHUTTING_DOWN = threading.Event()
-#: What the store raises while it is down or restarting (the API answers 503 for the same).
-STORE_UNREACHABLE = (OperationalError, InterfaceError, PoolTimeout)
 T = TypeVar("T")
 
 

@@ -5,7 +5,7 @@ Light on purpose (SQLAlchemy and Alembic only), so the API process and workers c
 
 from service.store.base import new_id, utcnow
 from service.store.credentials import CREDENTIAL_KINDS, CredentialInfo, OwnerCredential
-from service.store.engine import make_engine, normalize_url
+from service.store.engine import STORE_UNREACHABLE, make_engine, normalize_url
 from service.store.jobs import Heartbeat, JobPage, decode_cursor, encode_cursor
 from service.store.models import (
     ACTIVE_STATUSES,
@@ -24,6 +24,7 @@ from service.store.repo import Store
 from service.store.schema import alembic_config, migrate, schema_is_current
 
 __all__ = [
+    "STORE_UNREACHABLE",
     "ACTIVE_STATUSES",
     "CREDENTIAL_KINDS",
     "TERMINAL_STATUSES",

@@ -15,11 +15,16 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 #: Execution option that makes a SQLite transaction BEGIN IMMEDIATE; ignored on other dialects.
 IMMEDIATE = "qaa_sqlite_immediate"
+
+#: What the store raises while it is down or restarting: the API answers 503, workers retry their writes.
+STORE_UNREACHABLE = (OperationalError, InterfaceError, PoolTimeout)
 
 
 def normalize_url(url: str) -> str:
