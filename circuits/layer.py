@@ -85,8 +85,10 @@ class QAALayer(nn.Module):
         if self.disabled:
             return result
         readout = self.engine(self.adapter_input(x), self.theta)
-        delta = self.up(readout) * self.config.alpha
-        return result + delta.reshape(result.shape).to(result.dtype)
+        # result + alpha * up(readout) as one addmm: no separate tensors for the update, its scaling and the sum.
+        flat = result.reshape(-1, self.out_features).float()
+        out = torch.addmm(flat, readout, self.up.weight.t(), alpha=self.config.alpha)
+        return out.view(result.shape).to(result.dtype)
 
     def extra_repr(self) -> str:
         c = self.config

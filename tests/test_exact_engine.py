@@ -62,7 +62,7 @@ def test_matches_qiskit_statevector(n: int, entangler: str, readout: str) -> Non
         np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"strategy={strategy}")
 
 
-@pytest.mark.parametrize("n", [3, 6, 9])
+@pytest.mark.parametrize("n", [3, 6, 9, 10])  # 10: blocks of 4 + 3 + 3 qubits, as SmolLM2's adapters
 @pytest.mark.parametrize("readout", READOUTS)
 def test_adjoint_gradients_equal_autograd(n: int, readout: str) -> None:
     """The hand-written adjoint (blocks) against plain autograd through the dense unitary."""
@@ -113,6 +113,35 @@ def test_zero_input_gives_zero_output_and_gradient(strategy: str) -> None:
     assert out.abs().max().item() == 0.0
     assert torch.isfinite(z.grad).all() and z.grad.abs().max().item() == 0.0
     assert torch.isfinite(theta.grad).all()
+
+
+def test_second_backward_replays_and_state_buffers_are_reused() -> None:
+    """The adjoint keeps the final state from forward to backward in a recycled buffer: a graph kept for a second
+    backward (retain_graph) replays the circuit and gets the same gradients, steps reuse the buffers (none piles
+    up), and a forward without gradients keeps nothing."""
+    from circuits.backends.exact import _SAVED
+
+    plan = plan_for(9, 2, "ring", "expval+zz")
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(7, 300, generator=gen, requires_grad=True)
+    theta = (torch.rand(45, generator=gen) * 6).requires_grad_()
+    out = exact_expectations(plan, z, theta)
+    weights = torch.randn(out.shape, generator=gen)
+    first = torch.autograd.grad((out * weights).sum(), [z, theta], retain_graph=True)
+    again = torch.autograd.grad((out * weights).sum(), [z, theta])
+    for a, b in zip(first, again, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+    pooled = len(_SAVED.free)
+    for _ in range(3):
+        outs = [exact_expectations(plan, z, theta) for _ in range(4)]  # four adapters, as in one model
+        torch.autograd.grad(sum(o.sum() for o in outs), [z, theta])
+    held = len(_SAVED.free)
+    assert 4 <= held <= pooled + 4
+    with torch.no_grad():
+        exact_expectations(plan, z, theta)
+    exact_expectations(plan, z.detach(), theta.detach())  # nothing to differentiate: nothing kept either
+    assert len(_SAVED.free) == held  # a kept state would have taken a buffer that no backward gives back
 
 
 def test_strategy_chosen_by_size() -> None:
