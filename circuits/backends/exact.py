@@ -302,6 +302,8 @@ class _Buffers(threading.local):
         if flat is None or flat.numel() < numel:
             flat = self.flat[key] = like.new_empty(numel)
             self.views = {k: v for k, v in self.views.items() if k[:2] != key}  # views of the old buffer
+        if len(self.views) > 1024:  # batch shapes vary (padding): keep the cache to the recent ones
+            self.views.clear()
         view = self.views[(like.device, slot, shape)] = flat[:numel].view(shape)
         return view
 
