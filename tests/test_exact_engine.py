@@ -144,6 +144,18 @@ def test_second_backward_replays_and_state_buffers_are_reused() -> None:
     assert len(_SAVED.free) == held  # a kept state would have taken a buffer that no backward gives back
 
 
+def test_saved_state_pool_takes_the_smallest_fit_and_drops_the_smallest_when_full() -> None:
+    from circuits.backends.exact import _SavedStates
+
+    pool = _SavedStates(limit=3)
+    for numel in (5, 1, 7, 3, 9):
+        pool.give(torch.zeros(numel))
+    assert sorted(b.numel() for b in pool.free) == [5, 7, 9]
+    kept = pool.keep(torch.arange(6.0))
+    assert kept.numel() == 7 and torch.equal(kept[:6], torch.arange(6.0))
+    assert sorted(b.numel() for b in pool.free) == [5, 9]
+
+
 def test_strategy_chosen_by_size() -> None:
     assert plan_for(4, 2, "ring", "expval").strategy == "dense"
     assert plan_for(10, 2, "ring", "expval").strategy == "blocks"

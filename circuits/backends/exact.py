@@ -451,7 +451,7 @@ class _SavedStates:
         with self.lock:
             self.free.append(flat)
             if len(self.free) > self.limit:  # shapes changed a lot: drop the smallest
-                self.free.remove(min(self.free, key=torch.Tensor.numel))
+                self.free.pop(min(range(len(self.free)), key=lambda i: self.free[i].numel()))
 
 
 _SAVED = _SavedStates()
