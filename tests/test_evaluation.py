@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.datasets import Example, restaurants
+from workers.datasets import Example, prompt_text, restaurants
 from workers.evaluation import eval_loss, generate, minilm_path, peak_memory_mb, score
 from workers.models import load_model
 
@@ -59,31 +59,54 @@ def test_empty_generation_scores_zero_bertscore():
     assert scores["bertscore_f1"] == pytest.approx(0.5, abs=1e-4)  # (0 + 1) / 2
 
 
-def test_prefix_tuning_generates_with_its_prefix():
-    """Greedy generation of a PEFT prefix-tuned model equals greedy decoding by full forwards (the prefix applied
-    at every step), and differs from the base model's: transformers 5's generation cache would drop the prefix."""
+def _prefix_tuned(model_name: str, scale: float):
+    """`model_name` with PEFT prefix tuning whose trained prefix is random (seeded) at `scale`."""
     from service.spec import parse_spec
     from workers.methods import prepare
 
-    spec = {"model": "builtin:tiny-llama", "dataset": "builtin:restaurants", "method": {"kind": "prefix"}}
-    model, tokenizer = load_model("builtin:tiny-llama")
-    prompts = [e.prompt for e in restaurants().test[:3]]
-    kwargs = {"chat": False, "max_length": 32, "max_new_tokens": 6, "batch_size": 3, "device": torch.device("cpu")}
-    base = generate(model, tokenizer, prompts, **kwargs)
+    spec = {"model": model_name, "dataset": "builtin:restaurants", "method": {"kind": "prefix"}}
+    model, tokenizer = load_model(model_name)
     tuned = prepare(model, parse_spec(spec)).model
     with torch.no_grad():
         for p in tuned.parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 3)
-    generated = generate(tuned, tokenizer, prompts, **kwargs)
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * scale)
+    return tuned, tokenizer
 
-    expected = []
-    for prompt in prompts:  # one at a time: no padding, and nothing cached between steps
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids[:, -32:]
-        start = ids.shape[1]
-        with torch.no_grad():
-            for _ in range(6):
-                ids = torch.cat([ids, tuned(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        expected.append(tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip())
-    assert generated == expected
-    assert generated != base
+
+def _greedy_by_full_forwards(model, tokenizer, prompt: str, chat: bool, new_tokens: int) -> str:
+    """The reference: every step a full forward through PEFT (the prefix applied), nothing cached."""
+    ids = tokenizer(prompt_text(tokenizer, prompt, chat), add_special_tokens=False, return_tensors="pt").input_ids
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            token = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, token], dim=1)
+            if token.item() == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip()
+
+
+def test_prefix_tuning_generates_with_its_prefix():
+    """Greedy generation of a PEFT prefix-tuned model equals greedy decoding by full forwards (the prefix applied
+    at every step). A fast check of the plumbing: the random tiny model's text is too degenerate to show what
+    transformers 5's `generate` gets wrong (it keeps PEFT's prefix for the first token only); the test below is."""
+    tuned, tokenizer = _prefix_tuned("builtin:tiny-llama", scale=0.5)
+    prompts = [e.prompt for e in restaurants().test[:3]]
+    kwargs = {"chat": False, "max_length": 64, "max_new_tokens": 8, "batch_size": 3, "device": torch.device("cpu")}
+    generated = generate(tuned, tokenizer, prompts, **kwargs)
+    assert generated == [_greedy_by_full_forwards(tuned, tokenizer, p, False, 8) for p in prompts]
+
+
+@pytest.mark.slow
+def test_prefix_tuned_smollm2_generates_what_full_forwards_decode():
+    """The same on the pretrained model, where the text is real: 24 tokens that depend on the prefix throughout
+    (the base model writes something else). Generation through transformers' `generate` fails this."""
+    tuned, tokenizer = _prefix_tuned("builtin:smollm2-135m", scale=0.5)
+    prompts = [e.prompt for e in restaurants().test[:2]]
+    kwargs = {"chat": True, "max_length": 64, "max_new_tokens": 24, "batch_size": 2, "device": torch.device("cpu")}
+    generated = generate(tuned, tokenizer, prompts, **kwargs)
+    assert generated == [_greedy_by_full_forwards(tuned, tokenizer, p, True, 24) for p in prompts]
+    with tuned.disable_adapter():
+        base = generate(tuned.base_model, tokenizer, prompts, **kwargs)
+    assert all(len(g.split()) >= 3 for g in generated) and generated != base

@@ -50,35 +50,47 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, chat: bool, 
     """Greedy completions, batched with left padding; prompts keep their last `max_length` tokens."""
     was_training = model.training
     model.eval()
-    outputs = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [
-            tokenizer(prompt_text(tokenizer, p, chat), add_special_tokens=False).input_ids[-max_length:]
-            for p in prompts[start : start + batch_size]
-        ]
-        width = max(len(ids) for ids in encoded)
-        ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, x in enumerate(encoded):
-            ids[row, width - len(x) :] = torch.tensor(x)
-            mask[row, width - len(x) :] = 1
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            **_uncached_if_prompt_learning(model),
-        )  # fmt: skip
-        for row in out[:, width:]:
-            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    encoded = [tokenizer(prompt_text(tokenizer, p, chat), add_special_tokens=False).input_ids[-max_length:]
+               for p in prompts]  # fmt: skip
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        rows = [_greedy_with_prefix(model, ids, max_new_tokens, tokenizer.eos_token_id, device) for ids in encoded]
+    else:
+        rows = []
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start : start + batch_size]
+            width = max(len(ids) for ids in batch)
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, x in enumerate(batch):
+                ids[row, width - len(x) :] = torch.tensor(x)
+                mask[row, width - len(x) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )  # fmt: skip
+            rows += list(out[:, width:])
     model.train(was_training)
-    return outputs
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
 
 
-def _uncached_if_prompt_learning(model: Any) -> dict[str, bool]:
-    """PEFT prefix tuning injects its prefix as `past_key_values`; with transformers 5 `generate` passes its own
-    `cache`, and the model then drops the prefix (it would generate as the base model). Without a generation
-    cache every step is a full forward through PEFT, so the prefix is applied."""
-    config = getattr(model, "active_peft_config", None)
-    return {"use_cache": False} if getattr(config, "is_prompt_learning", False) else {}
+def _greedy_with_prefix(model: Any, ids: list[int], max_new_tokens: int, eos: int, device: torch.device):
+    """Greedy decoding for PEFT prompt learning (prefix tuning), one prompt at a time.
+
+    The prefix lives in the KV cache, and transformers 5's `generate` keeps PEFT's prefix for the first token only
+    (later steps attend without it, with or without a generation cache). So: the prompt goes once through PEFT,
+    which puts the virtual tokens in front, and each new token through the base model on the cache that returns.
+    One prompt at a time, because PEFT drops the position ids that left padding would need.
+    """
+    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(out.logits[0, -1].argmax())
+        tokens.append(token)
+        if token == eos or len(tokens) == max_new_tokens:
+            break
+        out = model.base_model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values,
+                               use_cache=True)  # fmt: skip
+    return torch.tensor(tokens, dtype=torch.long)
 
 
 def minilm_path() -> Path:
