@@ -377,10 +377,17 @@ def _apply_phase(state: torch.Tensor, trig: torch.Tensor, conj: bool = False, ou
     return out
 
 
-def _run(plan: Plan, state: torch.Tensor, tensors: list[torch.Tensor], buffers: _Buffers | None = None):
-    """Apply the plan to a state [S, 2^n, M]; with `buffers`, every op writes into the next buffer."""
+def _run(plan: Plan, state: torch.Tensor, tensors: list[torch.Tensor], buffers: _Buffers | None = None,
+         last: torch.Tensor | None = None):  # fmt: skip
+    """Apply the plan to a state [S, 2^n, M]; with `buffers`, every op writes into the next buffer, and the last
+    one into `last` where given (flat, at least as long as the final state)."""
+    writes = sum(len(plan.blocks) if isinstance(op, RealRotation) else 1 for op in plan.ops)
 
     def target(shape: tuple[int, ...]) -> torch.Tensor | None:
+        nonlocal writes
+        writes -= 1
+        if writes == 0 and last is not None:
+            return last[: math.prod(shape)].view(shape)
         return None if buffers is None else buffers.next(shape, state)
 
     it = iter(tensors)
@@ -436,16 +443,12 @@ class _SavedStates:
         self.limit = limit
         self.lock = threading.Lock()
 
-    def keep(self, state: torch.Tensor) -> torch.Tensor:
-        """A flat buffer (at least `state.numel()` long) that starts with a copy of `state`."""
-        numel = state.numel()
+    def take(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A flat buffer of at least `numel` floats: the smallest free one that fits, else a new one."""
         with self.lock:
-            fits = [i for i, b in enumerate(self.free) if b.numel() >= numel and b.device == state.device]
+            fits = [i for i, b in enumerate(self.free) if b.numel() >= numel and b.device == like.device]
             flat = self.free.pop(min(fits, key=lambda i: self.free[i].numel())) if fits else None
-        if flat is None:
-            flat = state.new_empty(numel)
-        flat[:numel].view_as(state).copy_(state)
-        return flat
+        return like.new_empty(numel) if flat is None else flat
 
     def give(self, flat: torch.Tensor) -> None:
         with self.lock:
@@ -464,10 +467,11 @@ class _AdjointCircuit(torch.autograd.Function):
     def forward(ctx, z: torch.Tensor, theta: torch.Tensor, plan: Plan, keep: bool) -> torch.Tensor:
         tensors = op_tensors(plan, theta)  # no graph: `theta_grad` is their backward
         norm, inv_norm = _norms(z)
-        final = _run(plan, _initial_state(_BUFFERS, z, inv_norm, plan.dim), tensors, _BUFFERS)
+        shape = (1 if plan.first_phase < 0 else 2, plan.dim, len(z))
+        kept = _SAVED.take(math.prod(shape), norm) if keep else None  # the last op writes the final state there
+        final = _run(plan, _initial_state(_BUFFERS, z, inv_norm, plan.dim), tensors, _BUFFERS, last=kept)
         r = _readout(plan, _probs(final, _BUFFERS.scratch(final.shape[1:], final)))
-        ctx.plan, ctx.tensors, ctx.shape = plan, tensors, final.shape
-        ctx.kept = _SAVED.keep(final) if keep else None
+        ctx.plan, ctx.tensors, ctx.shape, ctx.kept = plan, tensors, final.shape, kept
         ctx.save_for_backward(z, theta, r)
         return norm * r
 
@@ -487,15 +491,15 @@ class _AdjointCircuit(torch.autograd.Function):
         g = (grad_out.float() * norm).transpose(0, 1)  # d loss / d r, as [k, M]: the output is ||z|| * r
         signs = _readout_matrix(plan.n, plan.readout, final.device)
         if signs is None:
-            weights.copy_(g)
+            torch.mul(g, 2, out=weights)
         else:
-            torch.mm(signs, g, out=weights)
+            torch.mm(signs, g, out=weights).mul_(2)  # d loss / d |amplitude|^2, times 2: d |a|^2 / d a = 2a
 
         # Walk back through the ops with the state and its cotangent side by side, [state; cot] as [2, S, 2^n, M]:
         # every op inverts the state and propagates the cotangent in one call (the ops are unitary).
         pair = buffers.next((2, *final.shape), final)
         pair[0].copy_(final)
-        torch.mul(final, weights, out=pair[1]).mul_(2)  # d loss / d amplitudes
+        torch.mul(final, weights, out=pair[1])  # d loss / d amplitudes
         if kept is not None:
             _SAVED.give(kept)
         grads: list[torch.Tensor | None] = [None] * len(tensors)
