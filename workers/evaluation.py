@@ -47,7 +47,8 @@ def eval_loss(model: Any, tokenizer: Any, examples: Sequence[Example], *, chat: 
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, chat: bool, max_length: int,
              max_new_tokens: int, batch_size: int, device: torch.device) -> list[str]:  # fmt: skip
-    """Greedy completions, batched with left padding; prompts keep their last `max_length` tokens."""
+    """Greedy completions, batched with left padding (prompt-learning models one prompt at a time, see
+    `_greedy_with_prefix`); prompts keep their last `max_length` tokens."""
     was_training = model.training
     model.eval()
     encoded = [tokenizer(prompt_text(tokenizer, p, chat), add_special_tokens=False).input_ids[-max_length:]
