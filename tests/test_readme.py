@@ -4,10 +4,13 @@
   `qaa demo`, whose behaviour `tests/test_up.py` checks with small jobs).
 - The quick start block runs line by line, as written, in a temporary `QAA_HOME`: `qaa up &` in the
   background, then each client command must exit 0.
+- The published method table is the one `qaa bench` wrote to `benchmarks/results/`, with its wall time and the
+  target figures the README states.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -56,3 +59,16 @@ def test_the_quick_start_runs_as_written(tmp_path):
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=90) == 0
         log.close()
+
+
+def test_the_method_table_is_the_one_the_bench_wrote():
+    results = REPO / "benchmarks" / "results"
+    table = [line for line in (results / "methods.md").read_text().splitlines() if line.startswith("|")]
+    section = README.split("### Methods compared", 1)[1].split("\n## ", 1)[0]
+    assert [line for line in section.splitlines() if line.startswith("|")] == table
+    record = json.loads((results / "methods_budget.json").read_text())
+    assert f"**{record['wall_seconds'] / 60:.0f} min**" in section
+    targets = record["targets"]
+    assert f"({targets['qaa_minus_lora_bleu']:.2f})" in section
+    assert f"({targets['qaa_over_lora_params']:.4f})" in section
+    assert f"({targets['qaa_minus_lora_bertscore_f1']:+.3f})" in section

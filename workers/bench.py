@@ -95,7 +95,7 @@ class Budget:
         return eval_every(self.steps)
 
 
-#: The issue's published table: 22 jobs (5 headline rows x 3 seeds, 7 one-seed rows), about 90 minutes on a
+#: The published table: 22 jobs (5 headline rows x 3 seeds, 7 one-seed rows), about 100 minutes on a
 #: 2-core CPU; the wall time of the published run is in benchmarks/results/methods_budget.json.
 PUBLISHED = Budget()
 #: `--quick`: the same rows in a few minutes, on the random-init tiny Llama.
