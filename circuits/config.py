@@ -6,9 +6,10 @@ Kept free of torch and qiskit so that the API process can validate specs and est
 from __future__ import annotations
 
 import math
-import re
+from functools import lru_cache
 from typing import Literal
 
+import re2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Entangler = Literal["ring", "linear", "none"]
@@ -21,6 +22,10 @@ DEFAULT_SAMPLER_SHOTS = 4096
 
 #: Largest register the exact engine accepts: a 2^16-amplitude state per token is 512 KiB in complex64.
 MAX_EXACT_QUBITS = 16
+#: Bounds on `target_modules`: a regex's length, a list's length and each name's.
+MAX_TARGET_PATTERN = 256
+MAX_TARGET_NAMES = 256
+MAX_TARGET_NAME = 200
 
 
 class QAAConfig(BaseModel):
@@ -88,10 +93,8 @@ class QAAConfig(BaseModel):
 
     @field_validator("target_modules")
     @classmethod
-    def _targets_not_empty(cls, v: list[str] | str) -> list[str] | str:
-        if not v:
-            raise ValueError("target_modules must name at least one module")
-        return v
+    def _targets_valid(cls, v: list[str] | str) -> list[str] | str:
+        return check_target_modules(v)
 
     @model_validator(mode="after")
     def _gradient_fits_backend(self) -> QAAConfig:
@@ -146,11 +149,54 @@ class QAAConfig(BaseModel):
         return 2**n
 
 
-def matches_target(name: str, targets: list[str] | str) -> bool:
-    """PEFT's rule: a list matches a full module name or its dotted suffix; a string is a regex over the full name."""
+def check_target_modules(targets: list[str] | str) -> list[str] | str:
+    """Validate `target_modules` (ValueError with the bound or the regex error): a non-empty list of names, or
+    one regex in RE2 syntax, which matches in time linear in the name, so no pattern can stall whoever
+    matches it (the API pricing a spec, a worker injecting adapters)."""
     if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
+        if not targets:
+            raise ValueError("target_modules must name at least one module")
+        if len(targets) > MAX_TARGET_PATTERN:
+            raise ValueError(f"a target_modules regex is at most {MAX_TARGET_PATTERN} characters, got {len(targets)}")
+        try:
+            _compiled(targets)
+        except re2.error as exc:
+            reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+            raise ValueError(
+                f"target_modules is not a valid regex ({reason}); RE2 syntax, without backreferences or "
+                "lookaround, or give a list of module-name suffixes"
+            ) from None
+        return targets
+    if not targets or not all(targets):
+        raise ValueError("target_modules must name at least one module, and no name may be empty")
+    if len(targets) > MAX_TARGET_NAMES:
+        raise ValueError(f"target_modules lists at most {MAX_TARGET_NAMES} names, got {len(targets)}")
+    if any(len(t) > MAX_TARGET_NAME for t in targets):
+        raise ValueError(f"each target_modules name is at most {MAX_TARGET_NAME} characters")
+    return targets
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # an invalid pattern is the caller's 422, not a line in the server log
+
+
+@lru_cache(maxsize=256)
+def _compiled(pattern: str):
+    return re2.compile(pattern, _RE2_OPTIONS)
+
+
+def matches_target(name: str, targets: list[str] | str) -> bool:
+    """PEFT's rule: a list matches a full module name or its dotted suffix; a string is a regex over the full name
+    (matched by RE2: linear time)."""
+    if isinstance(targets, str):
+        return _compiled(targets).fullmatch(name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def resolve_targets(names: list[str], targets: list[str] | str) -> list[str]:
+    """The module names (of `names`) that `targets` matches, as an explicit list: what to hand a library (PEFT)
+    whose own matcher would run a user's regex with Python's backtracking engine."""
+    return [name for name in names if name and matches_target(name, targets)]
 
 
 def zz_pairs(n: int) -> list[tuple[int, int]]:

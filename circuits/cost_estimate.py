@@ -6,9 +6,14 @@ runs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from .config import QAAConfig
+
+#: QPU time per shot at least: the repetition delay of IBM's Eagle and Heron devices (their `default_rep_delay`,
+#: 250 us, in the backend configuration), before any circuit time or per-job overhead.
+DEFAULT_REP_DELAY_S = 250e-6
 
 
 @dataclass(frozen=True)
@@ -16,13 +21,15 @@ class Estimate:
     """Per training step and in total, over all adapters. With `input_grad: shift` every adapter is assumed to
     need its input gradient, so an adapter whose input depends on nothing trainable costs less than estimated.
     `primitive_calls` is a lower bound on `ibm:` backends, which split a step where the backend's job limits
-    force it. `note` says what the figures leave out."""
+    force it. `qpu_seconds` (device backends only) is the floor the shots alone take at the default repetition
+    delay. `note` says what the figures leave out."""
 
     circuits_per_step: int
     circuits: int
     shots: int
     primitive_calls: int
     note: str
+    qpu_seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +57,7 @@ def estimate(config: QAAConfig, tokens_per_step: int, steps: int, d_in: int, ada
     """
     if config.backend == "exact":
         return Estimate(0, 0, 0, 0, "the exact engine runs no circuits")
+    device = config.backend.startswith(("fake:", "ibm:"))
     n = config.num_qubits(d_in)
     per_step = adapters * tokens_per_step * circuits_per_input(config, n)
     shots = config.effective_shots() or 0
@@ -66,7 +74,50 @@ def estimate(config: QAAConfig, tokens_per_step: int, steps: int, d_in: int, ada
         shots=per_step * steps * shots,
         primitive_calls=adapters * steps,
         note="; ".join(notes),
+        qpu_seconds=per_step * steps * shots * DEFAULT_REP_DELAY_S if device else 0.0,
     )
+
+
+#: Adapters by (d_in, d_out) of the module each wraps.
+Widths = Mapping[tuple[int, int], int]
+
+
+def estimate_widths(config: QAAConfig, tokens_per_step: int, steps: int, widths: Widths) -> Estimate:
+    """`estimate` summed over adapters of several shapes: what a whole model's adapters cost."""
+    parts = [estimate(config, tokens_per_step, steps, d_in=d_in, adapters=n) for (d_in, _), n in sorted(widths.items())]
+    notes = list(dict.fromkeys(p.note for p in parts if p.note))
+    return Estimate(
+        circuits_per_step=sum(p.circuits_per_step for p in parts),
+        circuits=sum(p.circuits for p in parts),
+        shots=sum(p.shots for p in parts),
+        primitive_calls=sum(p.primitive_calls for p in parts),
+        note="; ".join(notes) or ("the exact engine runs no circuits" if config.backend == "exact" else ""),
+        qpu_seconds=sum(p.qpu_seconds for p in parts),
+    )
+
+
+def engine_state_bytes(config: QAAConfig, tokens_per_step: int, widths: Widths) -> int:
+    """Memory the adapters of a step hold, an upper-bound model that servers cap (`QAA_MAX_ENGINE_STATE_MB`).
+
+    Per adapter: its final state kept for the backward pass (tokens x 2^n complex64), its readout (tokens x k
+    float32) and `Up` with its gradient and two Adam moments (4 x k x d_out float32); on circuit backends
+    also its Jacobians (tokens x k x (P + D) float64) and, for the adapter being run, the values of every
+    row of the step (tokens x circuits per input x k float64). Once per step: the engine's two working
+    states. The compression matrix, when there is one, is the base layer's size and not counted.
+    """
+    total = 0
+    largest = 0
+    for (d_in, d_out), count in widths.items():
+        n = config.num_qubits(d_in)
+        dim, k = 2**n, config.num_outputs(n)
+        per_adapter = tokens_per_step * dim * 8 + tokens_per_step * k * 4 + 4 * k * d_out * 4
+        if config.backend != "exact":
+            jacobian_columns = config.num_params(n) + (2**n - 1 if config.input_grad == "shift" else 0)
+            per_adapter += tokens_per_step * k * jacobian_columns * 8
+            largest = max(largest, tokens_per_step * circuits_per_input(config, n) * k * 8)
+        total += count * per_adapter
+        largest = max(largest, 2 * tokens_per_step * dim * 8)
+    return total + largest
 
 
 def check_budget(config: QAAConfig, est: Estimate) -> None:

@@ -67,15 +67,14 @@ def _seconds_per_step(job: Mapping[str, Any], points: Sequence[Mapping[str, Any]
 
 def row(job: Mapping[str, Any], points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The comparison figures of one job (None where the job did not record them)."""
-    spec = job.get("spec") or {}
     values = {**flatten(job.get("usage")), **flatten(job.get("evaluation"))}
     losses = [p["loss"] for p in points if isinstance(p.get("loss"), int | float)]
     out: dict[str, Any] = {
         "id": job["id"],
         "name": job.get("name"),
         "status": job["status"],
-        "method": method_label(spec),
-        "backend": backend_label(spec),
+        "method": method_label(job),
+        "backend": backend_label(job),
     }
     out.update({column: _lookup(values, aliases) for column, aliases in ALIASES.items()})
     out["final_loss"] = losses[-1] if losses else None

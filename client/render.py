@@ -54,9 +54,9 @@ def flatten(data: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def method_label(spec: Mapping[str, Any]) -> str:
+def method_label(job: Mapping[str, Any]) -> str:
     """`qaa L=2 expval`, `lora r=8`, `prefix 20 tokens`: the method and the option that sets its size."""
-    method = spec.get("method") or {}
+    method = job.get("method") or {}
     kind = method.get("kind", "qaa")
     if kind == "qaa":
         qubits = method.get("qubits", "auto")
@@ -71,9 +71,8 @@ def method_label(spec: Mapping[str, Any]) -> str:
     return kind
 
 
-def backend_label(spec: Mapping[str, Any]) -> str:
-    quantum = spec.get("quantum")
-    return quantum.get("backend", "exact") if isinstance(quantum, Mapping) else "-"
+def backend_label(job: Mapping[str, Any]) -> str:
+    return job.get("backend") or "-"
 
 
 def jobs_table(jobs: Iterable[Mapping[str, Any]]) -> Table:
@@ -84,8 +83,8 @@ def jobs_table(jobs: Iterable[Mapping[str, Any]]) -> Table:
             job["id"],
             job.get("name") or "-",
             job["status"],
-            method_label(job.get("spec") or {}),
-            backend_label(job.get("spec") or {}),
+            method_label(job),
+            backend_label(job),
             f"{progress.get('step', 0)}/{progress.get('steps', '?')}",
             str(job.get("created_at", "-"))[:19].replace("T", " "),
         )
@@ -103,16 +102,15 @@ def key_value_table(title: str, data: Mapping[str, Any], *, justify: str = "righ
 
 def job_tables(job: Mapping[str, Any]) -> list[Table]:
     """The job's summary, then its quantum counters and its evaluation when it has them."""
-    spec = job.get("spec") or {}
     progress = job.get("progress") or {}
     summary = {
         "id": job["id"],
         "name": job.get("name") or "-",
         "status": job["status"],
-        "model": spec.get("model", "-"),
-        "dataset": spec.get("dataset", "-"),
-        "method": method_label(spec),
-        "backend": backend_label(spec),
+        "model": job.get("model", "-"),
+        "dataset": job.get("dataset", "-"),
+        "method": method_label(job),
+        "backend": backend_label(job),
         "progress": f"{progress.get('step', 0)}/{progress.get('steps', '?')}",
         "attempts": job.get("attempts", 0),
         "created": job.get("created_at"),

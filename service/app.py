@@ -22,9 +22,10 @@ from service import queueing
 from service.api import credentials, datasets, jobs, system
 from service.api.prometheus import LatencyMiddleware, StoreCollector, new_registry
 from service.auth import ensure_local_key
+from service.http_guards import BodyLimit, SecurityHeaders
 from service.problems import install_handlers, problem_response
-from service.ratelimit import submit_limiter
-from service.settings import Settings, get_settings
+from service.ratelimit import limiters
+from service.settings import Settings, get_settings, private_home
 from service.spec import JobSpec
 from service.store import STORE_UNREACHABLE, Store
 
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        private_home(settings)
         opened = app.state.store is None
         if opened:
             app.state.store = Store.from_settings(settings, migrate=True)
@@ -59,13 +61,14 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.settings = settings
     app.state.store = store
     app.state.backends = None
-    app.state.submit_limiter = submit_limiter(
-        settings.submit_rate_per_minute, settings.submit_burst, settings.broker_url
-    )
+    for action, limiter in limiters(settings).items():
+        setattr(app.state, f"{action}_limiter", limiter)
     registry, latency = new_registry()
     registry.register(StoreCollector(lambda: app.state.store, queueing.queue_depths))
     app.state.registry = registry
     app.add_middleware(LatencyMiddleware, histogram=latency)
+    app.add_middleware(BodyLimit)
+    app.add_middleware(SecurityHeaders)  # outermost: every answer carries the headers, 413s included
     install_handlers(app)
     for error in STORE_UNREACHABLE:
         app.add_exception_handler(error, _store_unavailable)

@@ -37,7 +37,7 @@ from service.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from service.spec import JobSpec
-    from service.store import Job, Store
+    from service.store import Job, Spend, Store
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def enqueue(job_id: str, queue: str) -> None:
     celery_app().send_task(TRAIN_TASK, args=[job_id], queue=queue)
 
 
-def submit_job(store: Store, owner: str, spec: JobSpec) -> Job:
+def submit_job(store: Store, owner: str, spec: JobSpec, estimate: Spend | None = None) -> Job:
     """Store the job, then send its message: the API's 201.
 
     The row comes first, so there is never a message without a job. If the broker cannot take the message,
@@ -132,7 +132,7 @@ def submit_job(store: Store, owner: str, spec: JobSpec) -> Job:
     reconciler sends it once the broker answers. Answering 503 instead would leave a stored job behind an
     error, and a client that retried would get two jobs.
     """
-    job = store.create_job(owner, spec)
+    job = store.create_job(owner, spec, estimate)
     try:
         enqueue(job.id, job.queue)
     except Exception as exc:  # any send failure: the row is whole, the reconciler sends it later

@@ -1,4 +1,5 @@
-"""Per-key limits on job submission: a token bucket per API key, refused with 429 and `Retry-After`.
+"""Per-key rate limits on job submission, estimates and uploads: a token bucket per API key and action,
+refused with 429 and `Retry-After`.
 
 Each key gets `burst` tokens that refill at `per_minute / 60` per second; a submission takes one. Keys are
 told apart by the SHA-256 of the bearer key, so no plaintext key is kept in memory longer than the request.
@@ -27,7 +28,11 @@ from service.problems import Problem
 
 #: Buckets kept at most; idle full buckets are dropped first when more keys than this are seen.
 MAX_BUCKETS = 100_000
-REDIS_PREFIX = "qaa:submit-rate:"
+#: Redis key prefix of each action's buckets.
+PREFIXES = {"submit": "qaa:submit-rate:", "estimate": "qaa:estimate-rate:", "upload": "qaa:upload-rate:"}
+REDIS_PREFIX = PREFIXES["submit"]
+#: What each action is called in a 429's message.
+ACTIONS = {"submit": "job submissions", "estimate": "estimates", "upload": "dataset uploads"}
 
 log = logging.getLogger("qaa.api")
 
@@ -110,10 +115,11 @@ class RedisTokenBucket(Limiter):
     """`TokenBucket` shared by every API process through Redis. If Redis does not answer, submissions are let
     through (logged): the limit protects the service and must not become the thing that takes it down."""
 
-    def __init__(self, url: str, per_minute: float, burst: int):
+    def __init__(self, url: str, per_minute: float, burst: int, prefix: str = REDIS_PREFIX):
         import redis
 
         super().__init__(per_minute, burst)
+        self.prefix = prefix
         self._client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         self._take = self._client.register_script(_TAKE)
         self._errors = (redis.RedisError, OSError)
@@ -122,17 +128,27 @@ class RedisTokenBucket(Limiter):
         if not self.enabled:
             return 0.0
         try:
-            return float(self._take(keys=[REDIS_PREFIX + key], args=[repr(self.rate), self.burst]))
+            return float(self._take(keys=[self.prefix + key], args=[repr(self.rate), self.burst]))
         except self._errors as exc:
-            log.warning("submission rate limit not applied: Redis did not answer (%s)", type(exc).__name__)
+            log.warning("rate limit not applied: Redis did not answer (%s)", type(exc).__name__)
             return 0.0
 
 
-def submit_limiter(per_minute: float, burst: int, broker_url: str | None) -> Limiter:
-    """Shared buckets in Redis when the broker is Redis, else this process's own."""
+def make_limiter(action: str, per_minute: float, burst: int, broker_url: str | None) -> Limiter:
+    """`action`'s buckets: shared in Redis when the broker is Redis, else this process's own."""
     if broker_url and broker_url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisTokenBucket(broker_url, per_minute, burst)
+        return RedisTokenBucket(broker_url, per_minute, burst, PREFIXES[action])
     return TokenBucket(per_minute, burst)
+
+
+def limiters(settings) -> dict[str, Limiter]:
+    """One limiter per action, from the settings: `app.state.<action>_limiter`."""
+    rates = {
+        "submit": (settings.submit_rate_per_minute, settings.submit_burst),
+        "estimate": (settings.estimate_rate_per_minute, settings.estimate_burst),
+        "upload": (settings.upload_rate_per_minute, settings.upload_burst),
+    }
+    return {action: make_limiter(action, *rate, settings.broker_url) for action, rate in rates.items()}
 
 
 def key_identity(request: Request) -> str:
@@ -141,21 +157,27 @@ def key_identity(request: Request) -> str:
     return hashlib.sha256(credential.encode()).hexdigest()
 
 
-def check_submit_rate(request: Request, _owner: CurrentOwner) -> None:
-    """Dependency of `POST /v1/jobs`: after authentication (unknown keys are 401, not counted), one token."""
-    limiter: Limiter | None = getattr(request.app.state, "submit_limiter", None)
-    if limiter is None:
-        return
-    wait = limiter.take(key_identity(request))
-    if wait > 0:
-        retry = max(1, math.ceil(wait))
-        raise Problem(
-            429,
-            f"too many job submissions for this API key: at most {limiter.rate * 60:g} per minute "
-            f"(bursts of {limiter.burst}); retry in {retry} s",
-            headers={"Retry-After": str(retry)},
-            retry_after=retry,
-        )
+def _rate_check(action: str):
+    def check(request: Request, _owner: CurrentOwner) -> None:
+        """After authentication (unknown keys are 401, not counted), one token of `action`'s bucket."""
+        limiter: Limiter | None = getattr(request.app.state, f"{action}_limiter", None)
+        if limiter is None:
+            return
+        wait = limiter.take(key_identity(request))
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            raise Problem(
+                429,
+                f"too many {ACTIONS[action]} for this API key: at most {limiter.rate * 60:g} per minute "
+                f"(bursts of {limiter.burst}); retry in {retry} s",
+                headers={"Retry-After": str(retry)},
+                retry_after=retry,
+            )
+
+    return check
 
 
+check_submit_rate = _rate_check("submit")
 SubmitRateLimited = Annotated[None, Depends(check_submit_rate)]
+EstimateRateLimited = Annotated[None, Depends(_rate_check("estimate"))]
+UploadRateLimited = Annotated[None, Depends(_rate_check("upload"))]

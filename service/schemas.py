@@ -21,13 +21,20 @@ class Progress(BaseModel):
     steps: int
 
 
-class JobOut(BaseModel):
-    """A job as users see it; `usage` holds the quantum counters, `evaluation` the final scores."""
+class JobSummary(BaseModel):
+    """A job as the list shows it: everything but the full spec (which can be large; `GET /v1/jobs/{id}` has it).
+
+    `method` is the spec's method block (bounded in size), `backend` its quantum backend (null for classical
+    methods); `usage` holds the quantum counters, `evaluation` the final scores.
+    """
 
     id: str
     name: str | None
     status: JobStatusName
-    spec: dict[str, Any]
+    model: str
+    dataset: str
+    method: dict[str, Any]
+    backend: str | None
     queue: str
     progress: Progress
     attempts: int
@@ -40,27 +47,45 @@ class JobOut(BaseModel):
     evaluation: dict[str, Any] | None
 
     @classmethod
+    def fields_of(cls, job: Job) -> dict[str, Any]:
+        spec = job.spec
+        return {
+            "id": job.id,
+            "name": job.name,
+            "status": job.status.value,
+            "model": spec.get("model", ""),
+            "dataset": spec.get("dataset", ""),
+            "method": spec.get("method") or {},
+            "backend": (spec.get("quantum") or {}).get("backend"),
+            "queue": job.queue,
+            "progress": Progress(step=job.step, steps=job.steps),
+            "attempts": job.attempts,
+            "created_at": job.created_at,
+            "updated_at": job.updated_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+            "error": job.error,
+            "usage": job.usage,
+            "evaluation": job.evaluation,
+        }
+
+    @classmethod
+    def from_row(cls, job: Job) -> JobSummary:
+        return cls(**cls.fields_of(job))
+
+
+class JobOut(JobSummary):
+    """One job in full: the summary plus the spec as submitted."""
+
+    spec: dict[str, Any]
+
+    @classmethod
     def from_row(cls, job: Job) -> JobOut:
-        return cls(
-            id=job.id,
-            name=job.name,
-            status=job.status.value,
-            spec=job.spec,
-            queue=job.queue,
-            progress=Progress(step=job.step, steps=job.steps),
-            attempts=job.attempts,
-            created_at=job.created_at,
-            updated_at=job.updated_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            error=job.error,
-            usage=job.usage,
-            evaluation=job.evaluation,
-        )
+        return cls(**cls.fields_of(job), spec=job.spec)
 
 
 class JobList(BaseModel):
-    jobs: list[JobOut]
+    jobs: list[JobSummary]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; null at the end.")
 
 
@@ -118,6 +143,9 @@ class EstimateOut(BaseModel):
     circuits: int
     shots: int
     primitive_calls: int
+    qpu_seconds: float = Field(
+        0.0, description="Device backends: QPU seconds the shots take at least (default repetition delay)."
+    )
     seconds: SecondsRange | None = Field(description="Wall time range; null when the model's speed is unknown.")
     within_budget: bool
     adapters: int

@@ -31,7 +31,15 @@ from pydantic import (
     field_validator,
 )
 
-from circuits.config import MAX_EXACT_QUBITS, Compress, Entangler, Gradient, QAAConfig, Readout
+from circuits.config import (
+    MAX_EXACT_QUBITS,
+    Compress,
+    Entangler,
+    Gradient,
+    QAAConfig,
+    Readout,
+    check_target_modules,
+)
 
 MAX_STEPS = 100_000
 MAX_BATCH_SIZE = 512
@@ -70,7 +78,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
-def _looks_like_path(ref: str) -> bool:
+def looks_like_path(ref: str) -> bool:
+    """A reference written as a path (absolute, `./`, `../`, `~`); anything else is a name or an id."""
     return ref.startswith(("/", "./", "../", "~")) or ref in (".", "..")
 
 
@@ -92,7 +101,7 @@ def check_model_ref(ref: str) -> str:
         if not _BUILTIN.fullmatch(ref):
             raise ValueError(f"builtin names are lowercase letters, digits, '.', '_' or '-', got {ref!r}")
         return ref
-    if _looks_like_path(ref) or _HF_ID.fullmatch(ref):
+    if looks_like_path(ref) or _HF_ID.fullmatch(ref):
         return ref
     raise ValueError(
         f"model must be builtin:<name>, a Hugging Face id like 'org/name', or a path starting with "
@@ -111,7 +120,7 @@ def check_dataset_ref(ref: str) -> str:
         if not _DATASET_ID.fullmatch(ref):
             raise ValueError(f"dataset ids look like ds_<hex> as returned by POST /v1/datasets, got {ref!r}")
         return ref
-    if ":" in ref.split("/", 1)[0] and not _looks_like_path(ref):
+    if ":" in ref.split("/", 1)[0] and not looks_like_path(ref):
         raise ValueError(f"dataset must be builtin:<name>, ds_<id> or a path, got {ref!r}")
     return ref
 
@@ -128,16 +137,10 @@ def check_backend_name(name: str) -> str:
 # --- method ------------------------------------------------------------------------------------------------
 
 
-def _targets_not_empty(v: list[str] | str) -> list[str] | str:
-    if not v or (isinstance(v, list) and not all(v)):
-        raise ValueError("target_modules must name at least one module, and no name may be empty")
-    return v
-
-
 TargetModules = Annotated[
     list[str] | str,
-    AfterValidator(_targets_not_empty),
-    Field(description="Module-name suffixes, or one regex matched against the full name (as in PEFT)."),
+    AfterValidator(check_target_modules),
+    Field(description="Module-name suffixes, or one regex (RE2 syntax) matched against the full name (as in PEFT)."),
 ]
 
 
@@ -204,6 +207,51 @@ Method = Annotated[
 # --- quantum -----------------------------------------------------------------------------------------------
 
 
+class DynamicalDecouplingOptions(_Strict):
+    """qiskit-ibm-runtime's dynamical decoupling: pulse sequences in the idle windows of each qubit."""
+
+    enable: bool = False
+    sequence_type: Literal["XX", "XpXm", "XY4"] = "XX"
+    extra_slack_distribution: Literal["middle", "edges"] = "middle"
+    scheduling_method: Literal["alap", "asap"] = "alap"
+    skip_reset_qubits: bool = False
+
+
+class TwirlingOptions(_Strict):
+    """qiskit-ibm-runtime's Pauli twirling of gates and measurements (each randomization is another circuit)."""
+
+    enable_gates: bool | None = None
+    enable_measure: bool | None = None
+    group: Literal["pauli", "balanced_pauli", "local_c1", "local_pauli"] = "pauli"
+    num_randomizations: Literal["auto"] | int = "auto"
+    shots_per_randomization: Literal["auto"] | int = "auto"
+    strategy: Literal["active", "active-accum", "active-circuit", "all"] = "active-accum"
+
+    @field_validator("num_randomizations", "shots_per_randomization", mode="before")
+    @classmethod
+    def _auto_or_bounded(cls, v: Any, info: ValidationInfo) -> Any:
+        top = 1024 if info.field_name == "num_randomizations" else 1_000_000
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= top):
+            return v
+        raise ValueError(f"{info.field_name} must be 'auto' or an integer between 1 and {top}, got {v!r}")
+
+
+class ExecutionOptions(_Strict):
+    """What the device does between shots; `rep_delay` bounded by IBM devices' own range (up to 500 us)."""
+
+    init_qubits: bool = True
+    rep_delay: float | None = Field(None, ge=0, le=5e-4, allow_inf_nan=False)
+
+
+class PrimitiveOptions(_Strict):
+    """The runtime Sampler options a spec may set (an allowlist with bounded values: anything else is a 422)."""
+
+    dynamical_decoupling: DynamicalDecouplingOptions | None = None
+    twirling: TwirlingOptions | None = None
+    execution: ExecutionOptions | None = None
+    max_execution_time: int | None = Field(None, ge=1, le=10_800, description="Seconds of QPU time per runtime job.")
+
+
 class QuantumOptions(_Strict):
     """Where and how the QAA circuits run (only with `method.kind: qaa`).
 
@@ -224,8 +272,8 @@ class QuantumOptions(_Strict):
     ibm_mode: Literal["batch", "session", "job"] | None = Field(
         None, description="ibm: only; how runtime jobs are grouped (batch when unset)."
     )
-    primitive_options: dict[str, Any] | None = Field(
-        None, description="fake:/ibm: only; passed to the runtime Sampler options (twirling, DD, ...)."
+    primitive_options: PrimitiveOptions | None = Field(
+        None, description="fake:/ibm: only; runtime Sampler options (twirling, dynamical decoupling, execution)."
     )
     device: Literal["CPU", "GPU"] | None = Field(None, description="Aer only; CPU when unset.")
     method: AerMethod | None = Field(None, description="Aer only; chosen by cost when unset.")
@@ -276,7 +324,7 @@ class QuantumOptions(_Strict):
 
     @field_validator("primitive_options")
     @classmethod
-    def _runtime_only(cls, v: dict | None, info: ValidationInfo) -> dict | None:
+    def _runtime_only(cls, v: PrimitiveOptions | None, info: ValidationInfo) -> PrimitiveOptions | None:
         backend = info.data.get("backend")
         if v is not None and backend is not None and not backend.startswith(("fake:", "ibm:")):
             raise ValueError(f"primitive_options apply to fake: and ibm: backends only, not {backend!r}")
@@ -344,8 +392,14 @@ class JobSpec(_Strict):
     """A training job as submitted: the single source of truth for what a worker runs."""
 
     name: str | None = Field(None, max_length=MAX_NAME_LENGTH, description="Optional label.")
-    model: str
-    dataset: str
+    model: str = Field(
+        description="builtin:<name>, a Hugging Face id the server offers, or a path inside a folder it allows.",
+        json_schema_extra={"pattern": r"^(builtin:[a-z0-9][a-z0-9._-]*|[A-Za-z0-9][A-Za-z0-9._/-]*|/.+)$"},
+    )
+    dataset: str = Field(
+        description="builtin:<name>, ds_<id> from POST /v1/datasets, or a path inside a folder the server allows.",
+        json_schema_extra={"pattern": r"^(builtin:[a-z0-9][a-z0-9._-]*|ds_[0-9a-f]{8,64}|/.+)$"},
+    )
     method: Method = Field(default_factory=QAAMethod)
     quantum: QuantumOptions | None = Field(None, validate_default=True, description="Only for kind qaa.")
     training: TrainingOptions = Field(default_factory=TrainingOptions)
@@ -409,7 +463,7 @@ def to_qaa_config(method: QAAMethod, quantum: QuantumOptions, *, seed: int = 0) 
         for key, value in (
             ("device", quantum.device),
             ("ibm_mode", quantum.ibm_mode),
-            ("primitive_options", quantum.primitive_options),
+            ("primitive_options", quantum.primitive_options and quantum.primitive_options.model_dump(exclude_unset=True)),
         )
         if value is not None
     }

@@ -178,7 +178,9 @@ def test_health_readiness_and_prometheus_metrics(api, auth_for):
     assert store.claim_job(done["id"], "w1") is not None
     assert store.finish_job(done["id"], "w1", "succeeded", usage={"circuits": 1234, "shots": 0})
 
-    text = api.get("/metrics").text
+    refused = api.get("/metrics")  # the gauges read every owner's jobs: not without a key
+    assert refused.status_code == 401 and refused.headers["content-type"] == "application/problem+json"
+    text = api.get("/metrics", headers=alice).text
     assert 'qaa_jobs{state="queued"} 1.0' in text and 'qaa_jobs{state="succeeded"} 1.0' in text
     assert "qaa_circuits_executed_total 1234.0" in text
     assert 'qaa_queue_depth{queue="cpu"}' in text

@@ -129,6 +129,7 @@ def test_bad_input_is_a_4xx_naming_the_problem_and_changes_nothing(api, auth_for
     job = submit(api, alice)
     limited = api.app.state.settings.model_copy(update={"max_upload_bytes": 1000})
     api.app.dependency_overrides[get_settings] = lambda: limited
+    api.app.state.settings = limited
     before = snapshot(api)
 
     response = api.request(method, url.format(job=job["id"]), content=body, headers=alice)

@@ -20,7 +20,7 @@ with TestClient(app) as client:
         client.post("/v1/jobs", json=spec, headers=headers).status_code,
         client.post("/v1/estimate", json=spec, headers=headers).status_code,
         client.get("/v1/jobs", headers=headers).status_code,
-        client.get("/metrics").status_code,
+        client.get("/metrics", headers=headers).status_code,
     ]
 served = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "qiskit", "qiskit_aer"))
 print(json.dumps({"imported": imported, "served": served, "codes": codes}))

@@ -1,7 +1,7 @@
 """The API prices jobs from `service.api.cost.BUILTIN_SHAPES` because it may not load models (no torch in the
 API process). Those shapes mirror the builtin models of `workers/models.py`; this test loads each builtin and
-checks that every adaptable module and its input width is exactly what the mirror says, so an edit to one side
-alone fails here instead of silently mispricing estimates."""
+checks that every adaptable module and its input and output widths are exactly what the mirror says, so an edit
+to one side alone fails here instead of silently mispricing estimates."""
 
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ def test_builtin_shapes_match_the_models(name, request):
     for module_name, module in model.named_modules():
         if module_name.startswith(shape.prefix + "."):
             try:
-                actual[module_name] = linear_features(module)[0]
+                actual[module_name] = linear_features(module)
             except TypeError:  # not an adaptable module
                 continue
     expected = {
-        f"{shape.prefix}.{block}.{module}": width for block in range(shape.blocks) for module, width in shape.modules
+        f"{shape.prefix}.{block}.{module}": (d_in, d_out)
+        for block in range(shape.blocks)
+        for module, d_in, d_out in shape.modules
     }
     assert actual == expected

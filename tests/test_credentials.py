@@ -30,9 +30,10 @@ IBM_JOB = {
     "dataset": "builtin:restaurants",
     "method": {"kind": "qaa"},
     "quantum": {"backend": "ibm:ibm_torino", "gradient": "spsa"},
-    "training": {"steps": 1},
+    "training": {"steps": 1, "batch_size": 1, "max_length": 8},  # 98 QPU seconds: within the per-job ceiling
 }
 NO_TOKEN = "needs an IBM Quantum API token"
+NOT_NAMED = "serves only the owners"
 ROUTES = [("PUT", "/v1/credentials/ibm"), ("GET", "/v1/credentials"), ("DELETE", "/v1/credentials/ibm")]
 
 
@@ -230,13 +231,20 @@ def test_set_replaces_get_decrypts_delete_forgets(any_store, tmp_path):
 
 
 def test_an_owners_stored_token_wins_over_the_workers(store, tmp_path):
-    operator = Settings(home=tmp_path / "home", ibm_token="operator-" + secrets.token_hex(8), ibm_instance="crn:op")
+    operator = Settings(
+        home=tmp_path / "home",
+        ibm_token="operator-" + secrets.token_hex(8),
+        ibm_instance="crn:op",
+        ibm_token_owners=["bob"],
+    )
     alice_token = new_token()
     store.set_credential("alice", "ibm", alice_token, secret_box(operator, create=True), instance="crn:alice")
 
     assert ibm_credentials(store, "alice", operator) == (alice_token, "crn:alice")
     assert ibm_credentials(store, "bob", operator) == (operator.ibm_token.get_secret_value(), "crn:op")
-    assert ibm_credentials(store, "bob", Settings(home=tmp_path / "home")) == (None, None)
+    with pytest.raises(JobError, match=NOT_NAMED):  # the operator's token pays only for the owners it names
+        ibm_credentials(store, "carol", operator)
+    assert ibm_credentials(store, "bob", Settings(home=tmp_path / "home", ibm_token_owners="*")) == (None, None)
 
     moved = Settings(home=tmp_path / "elsewhere")  # a worker whose QAA_HOME holds no (or another) key
     with pytest.raises(JobError, match="cannot be used here.*does not exist"):
@@ -250,7 +258,8 @@ def test_an_owners_stored_token_wins_over_the_workers(store, tmp_path):
     assert alice_token not in str(info.value)
 
     assert store.delete_credential("alice", "ibm")
-    assert ibm_credentials(store, "alice", operator)[0] == operator.ibm_token.get_secret_value()
+    with pytest.raises(JobError, match=NOT_NAMED):  # deleted: alice is not one of the operator's owners
+        ibm_credentials(store, "alice", operator)
 
 
 def test_an_ibm_job_signs_in_with_its_owners_token(store, tmp_path, caplog):
@@ -264,7 +273,7 @@ def test_an_ibm_job_signs_in_with_its_owners_token(store, tmp_path, caplog):
     errors = {owner: store.load_job(job.id).error for owner, job in jobs.items()}
 
     assert outcomes == {"alice": "failed", "bob": "failed"}  # no IBM Quantum reachable from here
-    assert NO_TOKEN in errors["bob"]  # without a stored token, the worker's (none) is used
+    assert NOT_NAMED in errors["bob"]  # without a stored token, bob may not use the workers' (none named)
     assert NO_TOKEN not in errors["alice"] and "IBM Quantum" in errors["alice"], errors["alice"]  # it tried to sign in
     assert token not in errors["alice"] and token not in caplog.text
     assert environment.environment() == before  # the job's token does not outlive the job

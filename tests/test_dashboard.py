@@ -1,9 +1,12 @@
-"""The dashboard in headless Chromium against a live API process: the loss curve has every metric point."""
+"""The dashboard in headless Chromium against a live API process: the loss curve has every metric point, a
+`#key=` link never swaps the stored key without a click, and the pages run under the API's Content-Security-Policy
+with no violation."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -35,6 +38,16 @@ SPEC = {
     "quantum": {"backend": "aer", "shots": 1024},
     "training": {"steps": 120, "eval_every": 20, "learning_rate": 0.002, "warmup_steps": 10},
 }
+
+
+# Recorded before any script of the page runs (playwright's init scripts are not subject to the page's CSP).
+CSP_LISTENER = """
+window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation", (e) => {
+  window.__cspViolations.push(
+    `${e.effectiveDirective}: ${e.blockedURI || "inline"} at ${e.sourceFile}:${e.lineNumber} ${e.sample}`);
+}, true);
+"""
 
 
 def chromium_available() -> bool:
@@ -98,13 +111,39 @@ def live_api(tmp_path):
         log.close()
 
 
-def test_dashboard_draws_every_loss_point_and_follows_a_running_job(live_api, tmp_path):
+@pytest.fixture
+def browser():
+    """Debian's Chromium through playwright; skipped where either is missing (but failed in CI)."""
     if not chromium_available():
         if os.environ.get("CI") == "true":
             pytest.fail(f"{CHROMIUM} or the playwright package is missing")
         pytest.skip(f"{CHROMIUM} or the playwright package is missing")
     from playwright.sync_api import sync_playwright
 
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def stored_key(page) -> str | None:
+    return page.evaluate("() => localStorage.getItem('qaa_api_key')")
+
+
+def store_key(page, url: str, key: str) -> None:
+    """Put `key` in the dashboard's local storage from another page of its origin, before the dashboard loads."""
+    page.goto(f"{url}/healthz")
+    page.evaluate("k => localStorage.setItem('qaa_api_key', k)", key)
+
+
+def csp_violations(page) -> list[str]:
+    page.evaluate("() => new Promise((r) => setTimeout(r, 100))")  # violation events are queued as tasks
+    return page.evaluate("() => window.__cspViolations")
+
+
+def test_dashboard_draws_every_loss_point_and_follows_a_running_job(live_api, browser, tmp_path):
     url, store = live_api
     _, key = store.create_api_key("alice")
     done = store.create_job(
@@ -143,39 +182,160 @@ def test_dashboard_draws_every_loss_point_and_follows_a_running_job(live_api, tm
             f"#loss-chart polyline[data-series={series}]", "e => e.getAttribute('points').trim().split(/\\s+/).length"
         )
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"{url}/#key={key}")
-            page.wait_for_selector(f"tr.job-row[data-job='{job.id}'] svg.sparkline polyline")
-            page.screenshot(path=str(tmp_path / "dashboard-jobs.png"), full_page=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{url}/#key={key}")  # as `qaa up` prints it: the key dialog opens filled in
+    page.click("#key-dialog button[type=submit]")
+    page.wait_for_selector(f"tr.job-row[data-job='{job.id}'] svg.sparkline polyline")
+    page.screenshot(path=str(tmp_path / "dashboard-jobs.png"), full_page=True)
 
-            page.goto(f"{url}/#/jobs/{job.id}")
-            page.wait_for_selector("#loss-chart polyline[data-series=loss]")
-            expected = api_points()
-            assert drawn(page, "loss") == len([p for p in expected if "loss" in p]) == 60
-            assert drawn(page, "eval_loss") == len([p for p in expected if "eval_loss" in p]) == 3
-            assert page.locator("#loss-chart circle").count() == 3
-            assert "1,953,120" in page.inner_text("#usage")
+    page.goto(f"{url}/#/jobs/{job.id}")
+    page.wait_for_selector("#loss-chart polyline[data-series=loss]")
+    expected = api_points()
+    assert drawn(page, "loss") == len([p for p in expected if "loss" in p]) == 60
+    assert drawn(page, "eval_loss") == len([p for p in expected if "eval_loss" in p]) == 3
+    assert page.locator("#loss-chart circle").count() == 3
+    assert "1,953,120" in page.inner_text("#usage")
 
-            store.record_metrics(job.id, points(61, 80))  # the job moves on; the page polls
-            store.heartbeat(job.id, "w1", step=80)
-            page.wait_for_function(
-                "n => document.querySelector('#loss-chart polyline[data-series=loss]').dataset.count == n",
-                arg=str(80),
-                timeout=15_000,
-            )
-            assert drawn(page, "loss") == len(api_points()) == 80
-            page.screenshot(path=str(tmp_path / "dashboard-job.png"), full_page=True)
+    store.record_metrics(job.id, points(61, 80))  # the job moves on; the page polls
+    store.heartbeat(job.id, "w1", step=80)
+    page.wait_for_function(
+        "n => document.querySelector('#loss-chart polyline[data-series=loss]').dataset.count == n",
+        arg=str(80),
+        timeout=15_000,
+    )
+    assert drawn(page, "loss") == len(api_points()) == 80
+    page.screenshot(path=str(tmp_path / "dashboard-job.png"), full_page=True)
 
-            page.goto(f"{url}/#/jobs/{done.id}")
-            page.wait_for_selector("#evaluation table")
-            assert "31.4" in page.inner_text("#evaluation") and drawn(page, "loss") == 40
-            page.screenshot(path=str(tmp_path / "dashboard-finished.png"), full_page=True)
-        finally:
-            browser.close()
+    page.goto(f"{url}/#/jobs/{done.id}")
+    page.wait_for_selector("#evaluation table")
+    assert "31.4" in page.inner_text("#evaluation") and drawn(page, "loss") == 40
+    page.screenshot(path=str(tmp_path / "dashboard-finished.png"), full_page=True)
     shots = os.environ.get("QAA_TEST_SCREENSHOTS")
     if shots:  # keep them for a person to look at
         for name in ("dashboard-jobs.png", "dashboard-job.png", "dashboard-finished.png"):
             shutil.copy(tmp_path / name, Path(shots) / name)
+
+
+def test_a_link_key_is_saved_only_when_the_user_clicks_save(live_api, browser):
+    url, store = live_api
+    _, key = store.create_api_key("alice")
+    job = store.create_job("alice", parse_spec(SPEC))
+    page = browser.new_page()
+    page.add_init_script(CSP_LISTENER)
+    page.goto(f"{url}/#key={key}")
+    page.wait_for_selector("#key-dialog[open]")
+    assert page.input_value("#key-input") == key  # filled in, not yet saved
+    assert key[:8] in page.inner_text("#key-note") and key[:9] not in page.inner_text("#key-dialog")
+    assert stored_key(page) is None
+    assert page.evaluate("location.hash") == "" and "key=" not in page.url
+    page.click("#key-dialog button[type=submit]")
+    page.wait_for_selector(f"tr.job-row[data-job='{job.id}']")
+    assert stored_key(page) == key
+    assert csp_violations(page) == []
+
+
+def test_a_link_key_replaces_the_stored_key_only_when_the_user_says_so(live_api, browser):
+    url, store = live_api
+    _, mine = store.create_api_key("alice")
+    _, theirs = store.create_api_key("bob")
+    alice_job = store.create_job("alice", parse_spec({**SPEC, "name": "alice-job"}))
+    bob_job = store.create_job("bob", parse_spec({**SPEC, "name": "bob-job"}))
+    page = browser.new_page()
+    page.add_init_script(CSP_LISTENER)
+    store_key(page, url, mine)
+
+    def offered(link: str, fresh: bool) -> None:
+        page.goto(link)
+        page.wait_for_selector("#link-key-dialog[open]")
+        text = page.inner_text("#link-key-dialog")
+        assert "a link wants to set an api key" in text.lower()
+        assert theirs[:8] in text and theirs[:9] not in text and theirs not in page.content()
+        assert stored_key(page) == mine  # nothing changes before the click
+        assert page.evaluate("location.hash") == "" and "key=" not in page.url
+        if fresh:  # nothing is fetched with either key while the question is open
+            assert page.locator("tr.job-row").count() == 0
+
+    offered(f"{url}/#key={theirs}", fresh=True)  # a fresh load
+    page.get_by_role("button", name="Keep my key").click()
+    page.wait_for_selector(f"tr.job-row[data-job='{alice_job.id}']")
+    assert stored_key(page) == mine and not page.is_visible("#link-key-dialog")
+    assert page.locator("tr.job-row").count() == 1
+
+    offered(f"{url}/#key={theirs}", fresh=False)  # the same page, only the fragment changes (a hashchange)
+    page.get_by_role("button", name="Use this key").click()
+    page.wait_for_selector(f"tr.job-row[data-job='{bob_job.id}']")
+    assert stored_key(page) == theirs and page.locator("tr.job-row").count() == 1
+
+    store_key(page, url, mine)
+    page.goto(f"{url}/#key={mine}")  # the key it already holds: nothing to ask
+    page.wait_for_selector(f"tr.job-row[data-job='{alice_job.id}']")
+    assert not page.is_visible("#link-key-dialog") and not page.is_visible("#key-dialog")
+    assert stored_key(page) == mine and page.evaluate("location.hash") == ""
+    assert csp_violations(page) == []
+
+
+def test_jobs_list_and_job_page_render_without_csp_violations(live_api, browser):
+    url, store = live_api
+    _, key = store.create_api_key("alice")
+    job = store.create_job("alice", parse_spec(SPEC))
+    store.claim_job(job.id, "w1")
+    store.record_metrics(job.id, points(1, 60))
+    store.heartbeat(job.id, "w1", step=60, usage={"circuits": 1200, "shots": 1_228_800})
+    lora = store.create_job(
+        "alice",
+        parse_spec(
+            {**SPEC, "name": "tiny-lora", "method": {"kind": "lora"}, "quantum": None, "training": {"steps": 40}}
+        ),
+    )
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.add_init_script(CSP_LISTENER)
+    store_key(page, url, key)
+    errors: list[str] = []
+
+    def console(message) -> None:  # Chromium asks /healthz's page (JSON, no icon) for /favicon.ico: not ours
+        if message.type == "error" and not message.location.get("url", "").endswith("/favicon.ico"):
+            errors.append(f"{message.text} at {message.location}")
+
+    page.on("console", console)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+
+    page.goto(f"{url}/")
+    page.wait_for_selector(f"tr.job-row[data-job='{job.id}'] svg.sparkline polyline")
+    row = page.locator(f"tr.job-row[data-job='{job.id}']")
+    assert row.locator("td.method").inner_text() == "qaa" and row.locator("td.backend").inner_text() == "aer"
+    assert row.locator("td.model").inner_text().split() == ["builtin:tiny-llama", "builtin:restaurants"]
+    other = page.locator(f"tr.job-row[data-job='{lora.id}']")
+    assert other.locator("td.method").inner_text() == "lora" and other.locator("td.backend").inner_text() == "–"
+    assert page.eval_on_selector(f"tr.job-row[data-job='{job.id}'] .progress .bar", "e => e.style.width") == "50%"
+    assert csp_violations(page) == []
+
+    page.goto(f"{url}/#/jobs/{job.id}")
+    page.wait_for_selector("#loss-chart .legend i")  # two series: the legend's swatches are drawn too
+    facts = page.eval_on_selector_all(
+        ".facts .fact",
+        "els => Object.fromEntries(els.map((e) => [e.querySelector('label').textContent, e.lastChild.textContent]))",
+    )
+    assert {k: facts[k] for k in ("Method", "Backend", "Model", "Dataset")} == {
+        "Method": "qaa",
+        "Backend": "aer",
+        "Model": "builtin:tiny-llama",
+        "Dataset": "builtin:restaurants",
+    }
+    assert "1,200" in page.inner_text("#usage")
+    assert csp_violations(page) == []
+    assert page.eval_on_selector("#loss-chart .legend i", "e => e.style.background") != ""  # applied, not blocked
+    assert errors == []
+
+
+def test_the_dashboard_is_served_with_a_content_security_policy(live_api):
+    url, _ = live_api
+    for path in ("/", "/dashboard/app.js", "/dashboard/chart.js", "/dashboard/style.css"):
+        res = httpx.get(f"{url}{path}")
+        assert res.status_code == 200, path
+        csp = res.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp, path
+        assert res.headers["x-content-type-options"] == "nosniff", path
+    assert "javascript" in httpx.get(f"{url}/dashboard/app.js").headers["content-type"]  # nosniff: a module needs it
+    html = httpx.get(f"{url}/").text
+    assert re.findall(r"<script\b(?![^>]*\bsrc=)", html) == []  # no inline script
+    assert re.findall(r"\son[a-z]+\s*=", html) == [] and "style=" not in html  # no inline handler nor style

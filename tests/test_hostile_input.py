@@ -117,7 +117,29 @@ def chunks(total: int, size: int = 1 << 16):
         yield b" " * min(size, total - start)
 
 
-# (id, method, url, body, who, statuses). `{job}` / `{dataset}` are alice's; who is alice, bob or mallory.
+def spec_with(
+    *, targets=None, kind="qaa", backend=None, budget=None, steps=None, probs=False, tiny=False, options=None, **change
+):
+    """A spec (bytes) changed as a hostile case needs; `{home}` and `{dataset}` are filled in by the test."""
+    spec = {**TINY, **change, "method": {"kind": kind}}
+    if targets is not None:
+        spec["method"]["target_modules"] = targets
+    if backend is not None:
+        spec["quantum"] = {"backend": backend, "gradient": "spsa"}
+    if budget is not None:
+        spec["quantum"] |= {"gradient": "parameter-shift", "max_circuits": budget, "max_shots": 10**15}
+    if options is not None:
+        spec["quantum"]["primitive_options"] = options
+    if steps is not None or tiny:
+        spec["training"] = {"steps": steps or 1, **({"batch_size": 1, "max_length": 8} if tiny else {})}
+    if probs:  # 16 qubits with a 2^16-wide readout over 512 x 4096 tokens: terabytes of engine state
+        spec["method"] |= {"qubits": 16, "readout": "probs"}
+        spec["training"] = {"steps": 1, "batch_size": 512, "max_length": 4096}
+    return json.dumps(spec).encode()
+
+
+# (id, method, url, body, who, statuses). `{job}` / `{dataset}` are alice's; who is alice, bob, mallory, eve,
+# junk-key (a 10 kB key) or nobody (no key at all); `{home}` in a body is the server's QAA_HOME.
 CASES = [
     pytest.param(
         "POST",
@@ -199,6 +221,58 @@ CASES = [
     pytest.param("POST", "/v1/datasets", JSONL, "eve", {401}, id="expired-upload"),
     pytest.param("GET", "/v1/jobs", None, "junk-key", {401}, id="junk-10k-key"),
     pytest.param("DELETE", "/v1/jobs/{job}", None, "alice", {405}, id="wrong-method"),
+    # Worker-side files: refused at submission, whatever exists (DESIGN: paths are the operator's decision).
+    *(
+        pytest.param("POST", "/v1/jobs", spec_with(**change), "alice", {422}, id=f"path-{name}")
+        for name, change in {
+            "dataset-etc-passwd": {"dataset": "/etc/passwd"},
+            "dataset-credentials": {"dataset": "{home}/credentials"},
+            "dataset-others-upload": {"dataset": "{home}/datasets/{dataset}.jsonl"},
+            "dataset-missing": {"dataset": "/no/such/file.jsonl"},
+            "dataset-dotdot": {"dataset": "/tmp/../etc/passwd"},
+            "dataset-relative": {"dataset": "data/train.jsonl"},
+            "model-etc": {"model": "/etc"},
+            "model-home": {"model": "{home}"},
+            "model-tilde": {"model": "~/.qaa"},
+            "model-bare-id-like-a-folder": {"model": "etc"},
+            "model-hub-id-not-offered": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+        }.items()
+    ),
+    # Regexes: bounded, RE2-checked at parse time, and linear when matched (the first would stall `re`).
+    pytest.param("POST", "/v1/estimate", spec_with(targets="(.*.*)*z"), "alice", {422}, id="regex-catastrophic"),
+    pytest.param("POST", "/v1/jobs", spec_with(targets="(.*.*)*z"), "alice", {422}, id="regex-catastrophic-job"),
+    pytest.param("POST", "/v1/jobs", spec_with(targets="("), "alice", {422}, id="regex-invalid"),
+    pytest.param("POST", "/v1/jobs", spec_with(targets="(a)\\1"), "alice", {422}, id="regex-backreference"),
+    pytest.param("POST", "/v1/jobs", spec_with(targets="a" * 300), "alice", {422}, id="regex-too-long"),
+    pytest.param("POST", "/v1/jobs", spec_with(targets=["q"] * 300), "alice", {422}, id="targets-too-many"),
+    pytest.param("POST", "/v1/jobs", spec_with(kind="lora", targets="("), "alice", {422}, id="regex-invalid-lora"),
+    # Bodies are bounded before authentication.
+    pytest.param("PUT", "/v1/credentials/ibm", lambda: chunks(3 << 20), "nobody", {413}, id="unauth-body-endless"),
+    pytest.param("PUT", "/v1/credentials/ibm", b" " * (50 << 20), "nobody", {413}, id="unauth-body-50MB"),
+    pytest.param("POST", "/v1/datasets", lambda: chunks(UPLOAD_LIMIT * 3), "nobody", {401, 413}, id="unauth-upload"),
+    # The operator pays only where the operator says so, and no spec exceeds the server's ceilings.
+    pytest.param("POST", "/v1/jobs", spec_with(backend="ibm:ibm_torino", tiny=True), "alice", {422}, id="ibm-no-token"),
+    pytest.param(
+        "POST", "/v1/jobs", spec_with(backend="aer", budget=10**12, steps=100_000), "alice", {422}, id="over-ceiling"
+    ),
+    pytest.param("POST", "/v1/jobs", spec_with(probs=True), "alice", {422}, id="engine-state-too-large"),
+    *(
+        pytest.param(
+            "POST",
+            "/v1/jobs",
+            spec_with(backend="fake:FakeManilaV2", tiny=True, options=o),
+            "alice",
+            {422},
+            id=f"primitive-options-{i}",
+        )  # fmt: skip
+        for i, o in enumerate(
+            [{"environment": {"image": "x:latest"}}, {"twirling": {"num_randomizations": 10**9}}, {"x" * 100: 1}]
+        )
+    ),
+    pytest.param("GET", "/metrics", None, "nobody", {401}, id="metrics-without-key"),
+    pytest.param("DELETE", "/v1/datasets/{dataset}", None, "bob", {404}, id="other-owner-delete-dataset"),
+    pytest.param("DELETE", "/v1/jobs/{job}/artifacts", None, "bob", {404}, id="other-owner-delete-artifacts"),
+    pytest.param("DELETE", "/v1/jobs/{job}/artifacts", None, "alice", {409}, id="delete-artifacts-while-queued"),
 ]
 
 
@@ -206,20 +280,26 @@ CASES = [
 def test_hostile_requests_get_the_right_4xx_and_change_nothing(
     hostile, world, store_kind, request, method, url, body, who, statuses
 ):
-    headers = {"Authorization": "Bearer " + "x" * 10_000} if who == "junk-key" else world[who]
+    special = {"nobody": {}, "junk-key": {"Authorization": "Bearer " + "x" * 10_000}}
+    headers = special[who] if who in special else world[who]
     if isinstance(body, bytes):
-        body = body.replace(b"{dataset}", world["dataset"].encode())
+        home = str(hostile.app.state.settings.home_dir).encode()
+        body = body.replace(b"{dataset}", world["dataset"].encode()).replace(b"{home}", home)
     elif callable(body):  # a fresh generator for each run
         body = body()
     before = snapshot(hostile)
 
-    response = hostile.request(method, url.format(job=world["job"]), content=body, headers=headers)
+    url = url.format(job=world["job"], dataset=world["dataset"])
+    response = hostile.request(method, url, content=body, headers=headers)
 
     assert response.status_code in statuses, response.text[:500]
     assert response.headers["content-type"] == "application/problem+json"
     assert "set-cookie" not in response.headers
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    assert response.headers["x-content-type-options"] == "nosniff"
     problem = response.json()
     assert problem["status"] == response.status_code and problem["detail"]
+    assert "root:" not in problem["detail"] and world["alice"]["Authorization"][7:] not in response.text
     assert snapshot(hostile) == before
 
 
@@ -250,20 +330,29 @@ def test_a_schemathesis_stateful_run_finds_no_server_error(hostile, world):
     parameters are ignored, as FastAPI does, and the key added to every call undoes a "missing header" case),
     `positive_data_acceptance` (see `test_api_schema.py`)."""
     hostile.app.state.submit_limiter = TokenBucket(per_minute=0, burst=1)  # chains submit often
-    schema = schemathesis.openapi.from_asgi("/openapi.json", hostile.app)
+    # DELETE /v1/datasets/{dataset_id} is left out of the chains: schemathesis 4 draws its path parameter from
+    # two strategies between runs and aborts with FlakyStrategyDefinition; the route's cases are in CASES and
+    # test_security.py.
+    schema = schemathesis.openapi.from_asgi("/openapi.json", hostile.app).exclude(
+        method="DELETE", path="/v1/datasets/{dataset_id}"
+    )
     machine = schema.as_state_machine()
     assert schema.statistic.transitions.total >= 10, "schemathesis inferred the links between operations"
     headers = world["alice"]
+    calls: list[str] = []
 
     class Workflow(machine):
         def get_call_kwargs(self, case):
+            calls.append(case.operation.label)
             return {"headers": headers}
 
         def validate_response(self, response, case, **kwargs):
             case.validate_response(response, excluded_checks=EXCLUDED_CHECKS)
 
     run_state_machine_as_test(Workflow, settings=STATEFUL)
-    assert sum(hostile.app.state.store.count_jobs_by_status().values()) > 1
+    # Generated specs name models and datasets this server does not serve (only builtins and uploads are), so
+    # few chains store a job; what counts is that many calls along the links got no server error.
+    assert len(calls) >= 40 and "POST /v1/jobs" in calls, sorted(set(calls))
 
 
 # --- rate limits ---------------------------------------------------------------------------------------------
@@ -372,14 +461,17 @@ def raw_request(url: str, data: bytes) -> bytes:
 @pytest.mark.slow
 def test_keys_and_ibm_tokens_never_reach_logs_or_answers_and_raw_header_injection_is_refused(tmp_path):
     token = "ibmtok-" + secrets.token_hex(16)
-    services = Services.embedded(tmp_path, QAA_IBM_TOKEN=token, QAA_IBM_INSTANCE="crn:v1:test:" + secrets.token_hex(4))
+    services = Services.embedded(
+        tmp_path, QAA_IBM_TOKEN=token, QAA_IBM_INSTANCE="crn:v1:test:" + secrets.token_hex(4), QAA_IBM_TOKEN_OWNERS="*"
+    )
     store = services.store()
     _, key = store.create_api_key("alice")
     api, url = start_api(services)
     with api, start_worker(services) as worker:
         answers = []
         client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        ibm = {**TINY, "quantum": {"backend": "ibm:ibm_torino", "gradient": "spsa"}, "training": {"steps": 1}}
+        ibm = {**TINY, "quantum": {"backend": "ibm:ibm_torino", "gradient": "spsa"},
+               "training": {"steps": 1, "batch_size": 1, "max_length": 8}}  # fmt: skip
         quick = {
             **TINY,
             "training": {"steps": 1, "batch_size": 2, "max_length": 32},
@@ -395,6 +487,7 @@ def test_keys_and_ibm_tokens_never_reach_logs_or_answers_and_raw_header_injectio
         answers += [
             client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}x"}),  # a near miss: 401
             client.get("/v1/jobs", headers={"Authorization": f"Basic {key}"}),
+            httpx.get(f"{url}/metrics", timeout=30),  # no key
             client.get("/metrics"),
             client.get("/readyz"),
         ]
@@ -412,7 +505,7 @@ def test_keys_and_ibm_tokens_never_reach_logs_or_answers_and_raw_header_injectio
     jobs = [services.store().load_job(a.json()["id"]) for a in answers[:2]]
     assert jobs[0].status == "failed" and "IBM Quantum" in jobs[0].error, jobs[0].error
     assert jobs[1].status == "succeeded"
-    assert [a.status_code for a in answers[-4:-2]] == [401, 401]
+    assert [a.status_code for a in answers[-5:-1]] == [401, 401, 401, 200]  # /metrics needs a key
     for answer in raw[:2]:  # a bare CR or a NUL in a header value: the request is refused whole
         assert answer.startswith(b"HTTP/1.1 400") and b"set-cookie" not in answer.lower(), answer[:300]
     # Content-Length beside Transfer-Encoding: chunked wins (RFC 9112 6.3), so the "hidden" request is parsed

@@ -367,11 +367,30 @@ def test_qaa_config_carries_every_option() -> None:
         ("aer", "ibm_mode", "batch"),
         ("fake:FakeManilaV2", "ibm_mode", "session"),
         ("exact", "primitive_options", {}),
-        ("aer", "primitive_options", {"x": 1}),
+        ("aer", "primitive_options", {"twirling": {"enable_gates": True}}),
     ],
 )
 def test_runtime_options_only_where_they_apply(backend: str, option: str, value: object) -> None:
     assert "only" in error_at({**BASE, "quantum": {"backend": backend, option: value}}, f"quantum.{option}")
+
+
+@pytest.mark.parametrize(
+    ("options", "path", "words"),
+    [
+        ({"resilience_level": 2}, "quantum.primitive_options.resilience_level", "Extra inputs"),
+        ({"environment": {"image": "evil:latest"}}, "quantum.primitive_options.environment", "Extra inputs"),
+        ({"twirling": {"num_randomizations": 5000}}, "quantum.primitive_options.twirling.num_randomizations", "1024"),
+        ({"execution": {"rep_delay": 1.0}}, "quantum.primitive_options.execution.rep_delay", "0.0005"),
+        ({"max_execution_time": 10**6}, "quantum.primitive_options.max_execution_time", "10800"),
+        (
+            {"dynamical_decoupling": {"sequence_type": "ZZ"}},
+            "quantum.primitive_options.dynamical_decoupling.sequence_type",
+            "XY4",
+        ),
+    ],
+)
+def test_primitive_options_are_an_allowlist_with_bounded_values(options: dict, path: str, words: str) -> None:
+    assert words in error_at({**BASE, "quantum": {"backend": "ibm:ibm_torino", "primitive_options": options}}, path)
 
 
 def test_spec_and_store_import_no_heavy_libraries() -> None:

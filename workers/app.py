@@ -18,7 +18,7 @@ from celery.exceptions import Reject
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from service import queueing
-from service.settings import get_settings
+from service.settings import get_settings, private_home
 from service.store import Store, migrate
 from workers.reconciler import Reconciler
 from workers.tasks import RELEASED, SHUTTING_DOWN, run_train
@@ -64,6 +64,7 @@ def train(job_id: str) -> str:
 
 @worker_init.connect
 def _migrate(**_: object) -> None:
+    private_home(get_settings())
     migrate(get_settings().sqlalchemy_url)
 
 

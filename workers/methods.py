@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import circuits
+from circuits.config import resolve_targets
 from circuits.inject import linear_module_names, wrap_modules
 from circuits.layer import linear_features
 
@@ -87,8 +88,13 @@ def _peft(model: nn.Module, method: Any) -> PreparedModel:
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
     if method.kind == "lora":
+        targets = method.target_modules
+        if isinstance(targets, str):  # PEFT would run the user's regex with `re`: hand it the names RE2 matched
+            targets = resolve_targets([n for n, _ in model.named_modules()], targets)
+            if not targets:
+                raise ValueError(f"target_modules {method.target_modules!r} matched no module")
         config = LoraConfig(task_type="CAUSAL_LM", r=method.r, lora_alpha=method.lora_alpha,
-                            lora_dropout=method.lora_dropout, target_modules=method.target_modules)  # fmt: skip
+                            lora_dropout=method.lora_dropout, target_modules=targets)  # fmt: skip
     else:
         config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.num_virtual_tokens)
     try:

@@ -96,13 +96,24 @@ def load_model(name: str, *, models_dir: Path | None = None, dtype: Any = None) 
 # --- local paths and Hugging Face ids -----------------------------------------------------------------------
 
 
+_LOCAL_ONLY = (
+    "no downloads at run time; use a local folder, a model already in the Hugging Face cache, or a builtin: "
+    + ", ".join(BUILTIN_MODELS)
+)
+
+
 def _load_pretrained(name: str, *, dtype: Any = None) -> tuple[Any, Any]:
     """Load with `local_files_only=True`: a worker must never fetch from the hub in the middle of a job."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(name).expanduser()
-    source, kwargs = (str(path) if path.exists() else name), {}
-    if path.is_file() and path.suffix == ".gguf":  # a bare GGUF file: transformers dequantizes it on load
+    from service.spec import looks_like_path
+
+    # Only a reference written as a path is one: a bare id like `etc` must never find a folder in the cwd.
+    path = Path(name).expanduser() if looks_like_path(name) else None
+    source, kwargs = (str(path) if path is not None else name), {}
+    if path is not None and not path.exists():
+        raise ModelError(f"model {name!r} is not available locally: no such file or folder ({_LOCAL_ONLY})")
+    if path is not None and path.is_file() and path.suffix == ".gguf":  # a bare GGUF: transformers dequantizes it
         source, kwargs = str(path.parent), {"gguf_file": path.name}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
@@ -110,10 +121,7 @@ def _load_pretrained(name: str, *, dtype: Any = None) -> tuple[Any, Any]:
             kwargs["dtype"] = dtype
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"model {name!r} is not available locally: {exc} (no downloads at run time; use a local folder, "
-            f"a model already in the Hugging Face cache, or a builtin: {', '.join(BUILTIN_MODELS)})"
-        ) from exc
+        raise ModelError(f"model {name!r} is not available locally: {exc} ({_LOCAL_ONLY})") from exc
     if tokenizer.pad_token is None:  # batching needs one; eos is the usual stand-in (padding is masked)
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

@@ -106,8 +106,10 @@ class Stack:
 
         The schema is migrated here, once, so the children never race to migrate the same database.
         """
+        from service.settings import private_home
         from service.store import migrate
 
+        private_home(self.settings)
         migrate(self.settings.sqlalchemy_url)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         offsets = {}

@@ -27,13 +27,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 from circuits.backends import environment
+from circuits.cost_estimate import check_budget
+from service.admission import Refused, check_daily, check_references, check_spend, spend_of, worker_token_allowed
 from service.settings import Settings
 from service.spec import JobSpec
-from service.store import STORE_UNREACHABLE, JobStatus, Store
+from service.store import STORE_UNREACHABLE, Job, JobStatus, Store
 from service.vault import SecretKeyMissing, SecretUnreadable, secret_box
 from workers.trainer import JobError, TrainingHooks, train
 
@@ -54,9 +57,19 @@ class Lease:
     lease is no longer ours.
     """
 
-    def __init__(self, store: Store, job_id: str, worker_id: str, *, interval: float, lease_seconds: float):
+    def __init__(
+        self,
+        store: Store,
+        job_id: str,
+        worker_id: str,
+        *,
+        interval: float,
+        lease_seconds: float,
+        deadline: datetime | None = None,
+    ):
         self.store, self.job_id, self.worker_id = store, job_id, worker_id
         self.interval, self.lease_seconds = interval, lease_seconds
+        self.deadline = deadline  # the job's wall-clock deadline (QAA_JOB_DEADLINE_SECONDS from its first start)
         self.ours = True
         self.cancel_requested = False
         self.step: int | None = None
@@ -95,8 +108,12 @@ class Lease:
                 self._valid_until = started + self.lease_seconds
         return self.live
 
+    @property
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and datetime.now(UTC) >= self.deadline
+
     def should_continue(self, step: int) -> bool:
-        return self.renew() and not SHUTTING_DOWN.is_set()
+        return self.renew() and not SHUTTING_DOWN.is_set() and not self.past_deadline
 
     def retry(self, what: str, write: Callable[[], T]) -> T:
         """`write()`, retried while the store is unreachable and the lease we last renewed still holds: the end
@@ -188,15 +205,21 @@ def dataset_resolver(store: Store, owner: str):
 
 def ibm_credentials(store: Store, owner: str, settings: Settings) -> tuple[str | None, str | None]:
     """The IBM Quantum token and instance an `ibm:` job of `owner` signs in with: the owner's stored ones
-    (`PUT /v1/credentials/ibm`), else the worker's `QAA_IBM_TOKEN`/`QAA_IBM_INSTANCE`. A stored token this
-    worker cannot decrypt fails the job (`JobError`) rather than silently signing in as someone else."""
+    (`PUT /v1/credentials/ibm`), else the worker's `QAA_IBM_TOKEN`/`QAA_IBM_INSTANCE` if the operator lets this
+    owner use them (`QAA_IBM_TOKEN_OWNERS`). A stored token this worker cannot decrypt fails the job
+    (`JobError`) rather than silently signing in as someone else."""
     if any(info.kind == "ibm" for info in store.describe_credentials(owner)):
         try:
             stored = store.get_credential(owner, "ibm", secret_box(settings, create=False))
         except (SecretKeyMissing, SecretUnreadable) as exc:
             raise JobError(f"the job owner's stored IBM Quantum token cannot be used here: {exc}") from None
-        if stored is not None:  # else deleted since the look-up: the worker's own, as for anyone without one
+        if stored is not None:  # else deleted since the look-up: the worker's own, if the owner may use it
             return stored.token, stored.instance
+    if not worker_token_allowed(owner, settings):
+        raise JobError(
+            "this job's owner has no IBM Quantum token stored (PUT /v1/credentials/ibm), and the workers' token "
+            "serves only the owners named in QAA_IBM_TOKEN_OWNERS"
+        )
     token = settings.ibm_token.get_secret_value() if settings.ibm_token else None
     return token, settings.ibm_instance
 
@@ -233,25 +256,32 @@ def failure_message(exc: Exception, settings: Settings) -> str:
     """The job's `error` for an unexpected exception; out-of-memory says which bound it hit."""
     line = error_line(exc)
     if isinstance(exc, MemoryError) or "can't allocate memory" in line or "out of memory" in line.lower():
-        bound = f"QAA_WORKER_MEMORY_MB={settings.worker_memory_mb}" if settings.worker_memory_mb else "the machine"
+        if settings.worker_memory_mb:
+            bound = f"QAA_WORKER_MEMORY_MB={settings.worker_memory_mb}"
+        elif settings.worker_memory_bound_mb:
+            bound = f"{settings.worker_memory_bound_mb} MiB, the default share of the machine's memory"
+        else:
+            bound = "the machine"
         return f"out of memory (bound: {bound}); reduce batch_size, max_length or qubits. {line}"
     return line
 
 
 def run_train(job_id: str, store: Store, settings: Settings, worker_id: str) -> str:
     """Run one job to its end; returns what happened (`skipped`, `lost`, or the final status)."""
-    bound_memory(settings.worker_memory_mb)
+    bound_memory(settings.worker_memory_bound_mb)
     job = store.claim_job(job_id, worker_id)
     if job is None:
         log.info("job %s: not claimable (finished, or held by a live worker); message dropped", job_id)
         return "skipped"
     log.info("job %s: claimed by %s (attempt %d)", job_id, worker_id, job.attempts)
     run_dir = settings.artifacts_dir / job_id
-    lease = Lease(store, job_id, worker_id, interval=settings.heartbeat_seconds, lease_seconds=settings.lease_seconds)
+    deadline = (job.started_at or datetime.now(UTC)) + timedelta(seconds=settings.job_deadline_seconds)
+    lease = Lease(store, job_id, worker_id, interval=settings.heartbeat_seconds, lease_seconds=settings.lease_seconds,
+                  deadline=deadline)  # fmt: skip
     with lease:
         sink = MetricsSink(store, job_id, lease)
         try:
-            status, evaluation, usage = _train(job.spec, job.owner, run_dir, lease, sink, store, settings)
+            status, evaluation, usage = _train(job, run_dir, lease, sink, store, settings)
         except JobError as exc:
             log.info("job %s failed: %s", job_id, exc)
             return _finish(store, job_id, worker_id, lease, JobStatus.FAILED, error=str(exc) or error_line(exc))
@@ -260,6 +290,12 @@ def run_train(job_id: str, store: Store, settings: Settings, worker_id: str) -> 
             error = failure_message(exc, settings)
             return _finish(store, job_id, worker_id, lease, JobStatus.FAILED, error=error)
         if status == JobStatus.CANCELLED and not lease.cancel_requested:
+            if lease.ours and lease.past_deadline:
+                error = (
+                    f"the job ran past its deadline of {settings.job_deadline_seconds} s from its first start "
+                    f"(QAA_JOB_DEADLINE_SECONDS); stopped at step {lease.step}"
+                )
+                return _finish(store, job_id, worker_id, lease, JobStatus.FAILED, error=error)
             if lease.ours and SHUTTING_DOWN.is_set():
                 return _release(store, job_id, worker_id, lease)
             log.warning("job %s: lease lost to another worker; leaving the job to it", job_id)
@@ -267,12 +303,41 @@ def run_train(job_id: str, store: Store, settings: Settings, worker_id: str) -> 
         return _finish(store, job_id, worker_id, lease, status, evaluation=evaluation, usage=usage)
 
 
+def admission_hook(job: Job, spec: JobSpec, store: Store, settings: Settings):
+    """The trainer's `admit`: the spec's budgets, the per-job ceilings and the engine state cap, on the estimate of
+    the adapters actually built; for a job the API could not price, the owner's daily ceilings too (and its
+    estimate is recorded, so later jobs count it)."""
+
+    def check(est, engine_bytes: int) -> None:
+        try:
+            if spec.method.kind == "qaa":
+                check_budget(spec.qaa_config(), est)
+            spend = spend_of(spec, est)
+            check_spend(spend, engine_bytes, settings)
+            if job.estimated_circuits is None:
+                check_daily(store, job.owner, spend, settings)
+                store.record_estimate(job.id, spend)
+        except Refused as exc:
+            raise JobError(str(exc)) from None
+        except ValueError as exc:  # check_budget: over the spec's own max_circuits / max_shots
+            raise JobError(f"quantum: {exc}; raise the budget or shrink the job") from None
+
+    return check
+
+
 def _train(
-    spec_data: dict, owner: str, run_dir: Path, lease: Lease, sink: MetricsSink, store: Store, settings: Settings
+    job: Job, run_dir: Path, lease: Lease, sink: MetricsSink, store: Store, settings: Settings
 ) -> tuple[JobStatus, dict | None, dict]:
-    spec = JobSpec.model_validate(spec_data)
+    spec = JobSpec.model_validate(job.spec)
+    owner = job.owner
+    try:  # asked again here: the settings may differ from the API's, and a path may have changed since
+        model, dataset = check_references(spec, store, owner, settings)
+    except Refused as exc:
+        raise JobError(str(exc)) from None
+    spec = spec.model_copy(update={"model": model, "dataset": dataset})
     run_dir.mkdir(parents=True, exist_ok=True)
-    hooks = TrainingHooks(record_metrics=sink, should_continue=lease.should_continue)
+    hooks = TrainingHooks(record_metrics=sink, should_continue=lease.should_continue,
+                          admit=admission_hook(job, spec, store, settings))  # fmt: skip
     with ibm_sign_in(spec, store, owner, settings):
         result = train(
             spec,

@@ -27,6 +27,7 @@ import math
 import random
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 import circuits
+import circuits.cost_estimate
 from service.spec import JobSpec
 from workers import artifacts, checkpoints, evaluation
 from workers.datasets import DatasetError, Splits, collate, encode, load_splits
@@ -57,8 +59,12 @@ class JobError(Exception):
 
 @dataclass
 class TrainingHooks:
+    """`admit(estimate, engine_state_bytes)` sees what the loaded model's adapters will cost before the first
+    step, and raises to refuse the run (the worker's check of budgets and ceilings)."""
+
     record_metrics: Callable[[list[dict]], None]
     should_continue: Callable[[int], bool]
+    admit: Callable[[circuits.cost_estimate.Estimate, int], None] | None = None
 
 
 @dataclass
@@ -91,6 +97,8 @@ def train(
         _seed_everything(spec.training.seed)
         splits = _splits(spec, resolve_dataset)
         run = _Run(spec, run_dir, hooks, *_prepared(spec, models_dir, device), splits, device)
+        if hooks.admit is not None:
+            hooks.admit(*run.cost())
         if not run.fit():
             return TrainingResult("cancelled", None, run.usage(), [])
         return run.finish()
@@ -116,6 +124,18 @@ class _Run:
         self.pad_to = t.max_length if self.quantum else None
         self.attempt_training_usage = dict.fromkeys(COUNTERS, 0)
         self._resume()
+
+    def cost(self) -> tuple[circuits.cost_estimate.Estimate, int]:
+        """(the circuit estimate, the engine state in bytes) of this run, from the adapters actually built."""
+        t = self.spec.training
+        if self.spec.method.kind != "qaa":
+            return circuits.cost_estimate.Estimate(0, 0, 0, 0, f"method {self.spec.method.kind} runs no circuits"), 0
+        config = self.spec.qaa_config()
+        layers = circuits.qaa_layers(self.model).values()
+        widths = Counter((layer.in_features, layer.out_features) for layer in layers)
+        tokens = t.batch_size * t.max_length
+        est = circuits.cost_estimate.estimate_widths(config, tokens, t.steps, widths)
+        return est, circuits.cost_estimate.engine_state_bytes(config, tokens, widths)
 
     # --- training ---------------------------------------------------------------------------------------
 

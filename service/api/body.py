@@ -16,15 +16,10 @@ from pydantic import ValidationError
 from service.problems import Problem
 from service.spec import JobSpec, parse_spec, validation_errors
 
-MAX_SPEC_BYTES = 1 << 20
 
-
-async def read_json(request: Request, limit: int = MAX_SPEC_BYTES) -> Any:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise Problem(413, f"the request body is larger than {limit} bytes")
+async def read_json(request: Request) -> Any:
+    """The decoded body; its size is bounded before it gets here (`service.http_guards.BodyLimit`)."""
+    body = await request.body()
     if not body:
         raise Problem(400, "the request body is empty; send the job spec as JSON")
     try:

@@ -17,40 +17,42 @@ from dataclasses import dataclass
 
 from circuits import QAAConfig
 from circuits.config import matches_target
-from circuits.cost_estimate import Estimate, check_budget, estimate
+from circuits.cost_estimate import Estimate, Widths, check_budget, engine_state_bytes, estimate_widths
 from service.spec import JobSpec, QAAMethod
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Per transformer block: (module path inside the block, its input width); and seconds per trained
-    token (low, high) for the classical forward + backward on a 2-core CPU."""
+    """Per transformer block: (module path inside the block, its input width, its output width); and seconds
+    per trained token (low, high) for the classical forward + backward on a 2-core CPU."""
 
     prefix: str
     blocks: int
-    modules: tuple[tuple[str, int], ...]
+    modules: tuple[tuple[str, int, int], ...]
     seconds_per_token: tuple[float, float]
 
 
-def _llama(hidden: int, intermediate: int, blocks: int, per_token: tuple[float, float]) -> ModelShape:
-    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-    mlp = (("mlp.gate_proj", hidden), ("mlp.up_proj", hidden), ("mlp.down_proj", intermediate))
-    return ModelShape("model.layers", blocks, tuple((n, hidden) for n in names) + mlp, per_token)
+def _llama(hidden: int, kv: int, intermediate: int, blocks: int, per_token: tuple[float, float]) -> ModelShape:
+    attn = (("q_proj", hidden), ("k_proj", kv), ("v_proj", kv), ("o_proj", hidden))
+    mlp = (("mlp.gate_proj", hidden, intermediate), ("mlp.up_proj", hidden, intermediate),
+           ("mlp.down_proj", intermediate, hidden))  # fmt: skip
+    return ModelShape("model.layers", blocks, tuple((f"self_attn.{n}", hidden, out) for n, out in attn) + mlp,
+                      per_token)  # fmt: skip
 
 
 # Mirrors the configs in workers/models.py (the API may not import workers; tests/test_cost_shapes.py checks
-# the mirror against the loaded models): tiny-llama hidden 64,
-# intermediate 128, 2 blocks; tiny-gpt2 n_embd 64 (MLP 4x), 2 blocks; SmolLM2-135M hidden 576,
-# intermediate 1536, 30 blocks (1.2-3 s per 4 x 64-token step with adapters).
+# the mirror against the loaded models): tiny-llama hidden 64, key/value width 32, intermediate 128, 2 blocks;
+# tiny-gpt2 n_embd 64 (MLP 4x), 2 blocks; SmolLM2-135M hidden 576, key/value width 192, intermediate 1536,
+# 30 blocks (1.2-3 s per 4 x 64-token step with adapters).
 BUILTIN_SHAPES: dict[str, ModelShape] = {
-    "builtin:tiny-llama": _llama(64, 128, 2, (2e-5, 1e-3)),
+    "builtin:tiny-llama": _llama(64, 32, 128, 2, (2e-5, 1e-3)),
     "builtin:tiny-gpt2": ModelShape(
         "transformer.h",
         2,
-        (("attn.c_attn", 64), ("attn.c_proj", 64), ("mlp.c_fc", 64), ("mlp.c_proj", 256)),
+        (("attn.c_attn", 64, 192), ("attn.c_proj", 64, 64), ("mlp.c_fc", 64, 256), ("mlp.c_proj", 256, 64)),
         (2e-5, 1e-3),
     ),
-    "builtin:smollm2-135m": _llama(576, 1536, 30, (3e-3, 2e-2)),
+    "builtin:smollm2-135m": _llama(576, 192, 1536, 30, (3e-3, 2e-2)),
 }
 
 #: Seconds per executed circuit (low, high) and per primitive call (low, high), by backend kind.
@@ -77,20 +79,22 @@ class SpecCost:
     tokens_per_step: int
     seconds: tuple[float, float] | None
     over_budget: str | None  # why the estimate exceeds the spec's budget; None when it fits
+    engine_state_bytes: int = 0  # what the adapters' states imply (`circuits.cost_estimate.engine_state_bytes`)
 
 
-def adapter_widths(shape: ModelShape, targets: list[str] | str) -> Counter[int]:
-    """Input width -> number of adapters the targets wrap in a model of this shape."""
-    widths: Counter[int] = Counter()
+def adapter_widths(shape: ModelShape, targets: list[str] | str) -> Counter[tuple[int, int]]:
+    """(d_in, d_out) -> number of adapters the targets wrap in a model of this shape."""
+    widths: Counter[tuple[int, int]] = Counter()
     for block in range(shape.blocks):
-        for module, width in shape.modules:
+        for module, d_in, d_out in shape.modules:
             if matches_target(f"{shape.prefix}.{block}.{module}", targets):
-                widths[width] += 1
+                widths[(d_in, d_out)] += 1
     return widths
 
 
 def spec_cost(spec: JobSpec, *, d_in: int | None = None, adapters: int | None = None) -> SpecCost:
-    """Price `spec`. `d_in` and `adapters` override the builtin shapes (and are required for other models)."""
+    """Price `spec`. `d_in` and `adapters` override the builtin shapes (and are required for other models;
+    their output width is then taken as `d_in`)."""
     tokens = spec.training.batch_size * spec.training.max_length
     steps = spec.training.steps
     shape = BUILTIN_SHAPES.get(spec.model)
@@ -105,20 +109,21 @@ def spec_cost(spec: JobSpec, *, d_in: int | None = None, adapters: int | None = 
     config = spec.qaa_config()
     widths = _widths(spec, shape, d_in, adapters)
     try:
-        parts = [estimate(config, tokens, steps, d_in=w, adapters=n) for w, n in sorted(widths.items())]
+        total = estimate_widths(config, tokens, steps, widths)
+        state = engine_state_bytes(config, tokens, widths)
     except ValueError as exc:  # e.g. a width that needs more qubits than allowed without compression
         raise EstimateError("method.qubits", str(exc)) from exc
-    total = _sum(parts)
     seconds = _seconds(config, total, classical)
     try:
         check_budget(config, total)
         over = None
     except ValueError as exc:
         over = str(exc)
-    return SpecCost(total, sorted(widths), sum(widths.values()), tokens, seconds, over)
+    d_ins = sorted({w for w, _ in widths})
+    return SpecCost(total, d_ins, sum(widths.values()), tokens, seconds, over, state)
 
 
-def _widths(spec: JobSpec, shape: ModelShape | None, d_in: int | None, adapters: int | None) -> Counter[int]:
+def _widths(spec: JobSpec, shape: ModelShape | None, d_in: int | None, adapters: int | None) -> Widths:
     if d_in is not None or adapters is not None or shape is None:
         if d_in is None or adapters is None:
             missing = "d_in" if d_in is None else "adapters"
@@ -127,27 +132,16 @@ def _widths(spec: JobSpec, shape: ModelShape | None, d_in: int | None, adapters:
                 f"the API knows the module shapes of {', '.join(BUILTIN_SHAPES)} only; for {spec.model!r} "
                 "pass both d_in (the adapted modules' input width) and adapters (how many modules match)",
             )
-        return Counter({d_in: adapters})
+        return Counter({(d_in, d_in): adapters})
     widths = adapter_widths(shape, spec.method.target_modules)
     if not widths:
-        names = sorted({m.rsplit(".", 1)[-1] for m, _ in shape.modules})
+        names = sorted({m.rsplit(".", 1)[-1] for m, _, _ in shape.modules})
         raise EstimateError(
             "method.target_modules",
             f"target_modules {spec.method.target_modules!r} match no module of {spec.model}; "
             f"its linear modules: {', '.join(names)}",
         )
     return widths
-
-
-def _sum(parts: list[Estimate]) -> Estimate:
-    notes = list(dict.fromkeys(p.note for p in parts if p.note))
-    return Estimate(
-        circuits_per_step=sum(p.circuits_per_step for p in parts),
-        circuits=sum(p.circuits for p in parts),
-        shots=sum(p.shots for p in parts),
-        primitive_calls=sum(p.primitive_calls for p in parts),
-        note="; ".join(notes),
-    )
 
 
 def _backend_kind(backend: str) -> str:

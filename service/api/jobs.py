@@ -14,13 +14,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from service import queueing
+from service.admission import Refused, admit
 from service.api.body import SPEC_BODY, read_spec
-from service.api.cost import EstimateError, spec_cost
-from service.deps import CurrentOwner, StoreDep
+from service.deps import CurrentOwner, SettingsDep, StoreDep
 from service.problems import Problem, field_problem, problem_responses
 from service.ratelimit import SubmitRateLimited
-from service.schemas import ArtifactOut, JobList, JobOut, JobStatusName, MetricsPage
-from service.spec import JobSpec
+from service.schemas import ArtifactOut, JobList, JobOut, JobStatusName, JobSummary, MetricsPage
 from service.store import Job, Store
 from service.store.jobs import MAX_PAGE
 from service.store.records import MAX_METRICS_PAGE
@@ -28,21 +27,6 @@ from service.store.records import MAX_METRICS_PAGE
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses(401))
 
 NOT_FOUND = problem_responses(404)
-
-
-def check_admissible(store: Store, owner: str, spec: JobSpec) -> None:
-    """What the spec alone cannot know: the dataset must be the caller's, the estimate within budget."""
-    if spec.dataset.startswith("ds_") and store.get_dataset(spec.dataset, owner) is None:
-        raise field_problem(422, "dataset", f"no dataset {spec.dataset!r}; upload one with POST /v1/datasets")
-    try:
-        cost = spec_cost(spec)
-    except EstimateError as exc:
-        if exc.path in ("d_in", "adapters"):  # a model the API cannot price: the worker checks the budget
-            return
-        raise field_problem(422, exc.path, str(exc)) from exc
-    if cost.over_budget:
-        path = "quantum.max_shots" if "max_shots" in cost.over_budget else "quantum.max_circuits"
-        raise field_problem(422, path, cost.over_budget + "; raise the budget or shrink the job")
 
 
 def owned_job(store: Store, job_id: str, owner: str) -> Job:
@@ -60,11 +44,19 @@ def owned_job(store: Store, job_id: str, owner: str) -> Job:
     summary="Submit a job: validate the spec, store the job, queue it",
 )
 async def submit_job(
-    request: Request, response: Response, store: StoreDep, owner: CurrentOwner, _rate: SubmitRateLimited
+    request: Request,
+    response: Response,
+    store: StoreDep,
+    settings: SettingsDep,
+    owner: CurrentOwner,
+    _rate: SubmitRateLimited,
 ) -> JobOut:
     spec = await read_spec(request)
-    await run_in_threadpool(check_admissible, store, owner, spec)
-    job = await run_in_threadpool(queueing.submit_job, store, owner, spec)
+    try:
+        spend = await run_in_threadpool(admit, store, owner, spec, settings)
+    except Refused as exc:
+        raise field_problem(exc.status, exc.path, exc.message) from None
+    job = await run_in_threadpool(queueing.submit_job, store, owner, spec, spend)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobOut.from_row(job)
 
@@ -81,7 +73,7 @@ def list_jobs(
         page = store.list_jobs(owner, status=status, limit=limit, cursor=cursor)
     except ValueError as exc:
         raise field_problem(400, "cursor", str(exc)) from exc
-    return JobList(jobs=[JobOut.from_row(j) for j in page.jobs], next_cursor=page.next_cursor)
+    return JobList(jobs=[JobSummary.from_row(j) for j in page.jobs], next_cursor=page.next_cursor)
 
 
 @router.get("/{job_id}", responses=NOT_FOUND, summary="One job: status, progress, usage, evaluation")
@@ -118,6 +110,22 @@ def job_metrics(
 def list_artifacts(job_id: str, store: StoreDep, owner: CurrentOwner) -> list[ArtifactOut]:
     owned_job(store, job_id, owner)
     return [ArtifactOut.from_row(a, job_id) for a in store.list_artifacts(job_id)]
+
+
+@router.delete(
+    "/{job_id}/artifacts",
+    status_code=204,
+    response_class=Response,
+    responses={**NOT_FOUND, **problem_responses(409)},
+    summary="Delete a finished job's artifacts (files and entries); the job and its metrics stay",
+)
+def delete_artifacts(job_id: str, store: StoreDep, owner: CurrentOwner) -> Response:
+    job = owned_job(store, job_id, owner)
+    if not job.status.is_terminal:
+        raise Problem(409, f"job {job_id!r} is {job.status.value}; cancel it or wait for it to end first")
+    for artifact in store.delete_artifacts(job_id):
+        Path(artifact.path).unlink(missing_ok=True)
+    return Response(status_code=204)
 
 
 def check_artifact_name(name: str) -> None:

@@ -18,10 +18,13 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import queueing
+from service.admission import Refused, check_spend, spend_of
 from service.api.body import SPEC_BODY, read_spec
 from service.api.cost import EstimateError, spec_cost
-from service.deps import CurrentOwner, StoreDep
+from service.auth import owner_for_authorization
+from service.deps import CurrentOwner, SettingsDep, StoreDep
 from service.problems import Problem, field_problem, problem_responses
+from service.ratelimit import EstimateRateLimited
 from service.schemas import BackendOut, EstimateOut, Health, Readiness, SecondsRange
 
 router = APIRouter()
@@ -59,10 +62,12 @@ def readyz(store: StoreDep) -> Readiness:
     "/metrics",
     tags=["system"],
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
-    summary="Prometheus text exposition",
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **problem_responses(401)},
+    summary="Prometheus text exposition (needs an API key unless QAA_METRICS_PUBLIC)",
 )
-def metrics(request: Request) -> Response:
+def metrics(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+    if not settings.metrics_public:  # the gauges read the whole store: not for anyone who can reach the port
+        owner_for_authorization(store, request.headers.get("authorization"))
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -96,12 +101,14 @@ def backends(request: Request, _owner: CurrentOwner) -> list[BackendOut]:
     "/v1/estimate",
     tags=["system"],
     openapi_extra=SPEC_BODY,
-    responses=problem_responses(400, 401, 413, 422),
+    responses=problem_responses(400, 401, 413, 422, 429),
     summary="Circuits, shots, primitive calls and a time range for a spec; nothing runs",
 )
 async def estimate(
     request: Request,
+    settings: SettingsDep,
     _owner: CurrentOwner,
+    _rate: EstimateRateLimited,
     d_in: Annotated[int | None, Query(ge=1, le=1 << 20, description="Adapted modules' input width.")] = None,
     adapters: Annotated[int | None, Query(ge=1, le=100_000, description="How many modules are adapted.")] = None,
 ) -> EstimateOut:
@@ -111,7 +118,12 @@ async def estimate(
     except EstimateError as exc:
         raise field_problem(422, exc.path, str(exc)) from exc
     est = cost.estimate
-    note = "; ".join(n for n in (est.note, cost.over_budget) if n)
+    try:  # the operator's per-job ceilings bind as the spec's budgets do
+        check_spend(spend_of(spec, est), cost.engine_state_bytes, settings)
+        over_ceiling = None
+    except Refused as exc:
+        over_ceiling = exc.message
+    note = "; ".join(n for n in (est.note, cost.over_budget, over_ceiling) if n)
     return EstimateOut(
         backend=spec.quantum.backend if spec.quantum else "none",
         circuits_per_step=est.circuits_per_step,
@@ -119,7 +131,8 @@ async def estimate(
         shots=est.shots,
         primitive_calls=est.primitive_calls,
         seconds=SecondsRange(low=cost.seconds[0], high=cost.seconds[1]) if cost.seconds else None,
-        within_budget=cost.over_budget is None,
+        qpu_seconds=est.qpu_seconds,
+        within_budget=cost.over_budget is None and over_ceiling is None,
         adapters=cost.adapters,
         d_in=cost.d_in,
         tokens_per_step=cost.tokens_per_step,

@@ -1,5 +1,6 @@
 // The dashboard: a jobs list and a job page, polling the API every couple of seconds.
-// Data from the API is only ever inserted as text (textContent), never as HTML.
+// Data from the API is only ever inserted as text (textContent), never as HTML. The API serves it under a strict
+// Content-Security-Policy: no inline script, handler or style attribute here (styles go through element.style).
 
 import { formatNumber, lineChart, sparkline } from "./chart.js";
 
@@ -10,7 +11,9 @@ const METRICS_OVERLAP = 5;
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const COLORS = { loss: "#2f6fdf", eval: "#e0671b", lr: "#2a9d6f" };
 
-const state = { key: localStorage.getItem("qaa_api_key"), metrics: new Map(), timer: null, route: null };
+const KEY_STORAGE = "qaa_api_key";
+
+const state = { key: localStorage.getItem(KEY_STORAGE), linkKey: null, metrics: new Map(), timer: null };
 
 // --- API -----------------------------------------------------------------------------------------------------
 
@@ -84,9 +87,10 @@ const badge = (status) => h("span", { class: `badge ${status}` }, status);
 
 function progressBar(progress, status) {
   const pct = progress.steps ? Math.min(100, (100 * progress.step) / progress.steps) : 0;
+  const bar = h("div", { class: `bar ${status}` });
+  bar.style.width = `${Number(pct.toFixed(1))}%`; // CSSOM, not a style attribute: allowed by the CSP
   return h("div", { class: "progress", title: `${progress.step} / ${progress.steps} steps` },
-    h("div", { class: `bar ${status}`, style: `width:${pct.toFixed(1)}%` }),
-    h("span", {}, `${progress.step} / ${progress.steps}`));
+    bar, h("span", {}, `${progress.step} / ${progress.steps}`));
 }
 
 function ago(iso) {
@@ -105,8 +109,8 @@ function duration(job) {
   return s < 120 ? `${s} s` : `${Math.floor(s / 60)} min ${s % 60} s`;
 }
 
-const method = (job) => job.spec?.method?.kind ?? "qaa";
-const backend = (job) => job.spec?.quantum?.backend ?? "–";
+const method = (job) => job.method?.kind ?? "qaa";
+const backend = (job) => job.backend ?? "–";
 
 function setConn(ok, text) {
   const conn = document.getElementById("conn");
@@ -132,8 +136,10 @@ async function renderList(view) {
     return h("tr", { class: "job-row", "data-job": job.id, onclick: () => { location.hash = `#/jobs/${job.id}`; } },
       h("td", {}, h("a", { href: `#/jobs/${job.id}` }, job.name || job.id), h("div", { class: "muted mono" }, job.id)),
       h("td", {}, badge(job.status)),
-      h("td", {}, method(job)),
-      h("td", { class: "mono" }, backend(job)),
+      h("td", { class: "method" }, method(job)),
+      h("td", { class: "backend mono" }, backend(job)),
+      h("td", { class: "model" }, h("div", { class: "mono" }, job.model || "–"),
+        h("div", { class: "muted mono" }, job.dataset || "–")),
       h("td", {}, progressBar(job.progress, job.status)),
       h("td", { class: "spark" }, sparkline(losses), h("span", { class: "mono" }, last)),
       h("td", { class: "muted" }, ago(job.created_at)));
@@ -146,7 +152,7 @@ async function renderList(view) {
       h("div", { class: "summary" }, Object.entries(counts).map(([s, n]) => h("span", {}, badge(s), ` ${n}`)))),
     page.jobs.length
       ? h("div", { class: "card flush" }, h("table", { class: "jobs" },
-        h("thead", {}, h("tr", {}, ["Job", "State", "Method", "Backend", "Progress", "Loss", "Created"].map((t) => h("th", {}, t)))),
+        h("thead", {}, h("tr", {}, ["Job", "State", "Method", "Backend", "Model / dataset", "Progress", "Loss", "Created"].map((t) => h("th", {}, t)))),
         h("tbody", {}, rows)))
       : h("div", { class: "card empty" }, h("p", {}, "No jobs yet."),
         h("p", { class: "muted" }, "Submit one with ", h("code", {}, "qaa-client submit examples/tiny.yaml"), ".")));
@@ -246,7 +252,8 @@ async function renderJob(view, jobId) {
     job.error ? h("div", { class: "callout error" }, h("strong", {}, "Error: "), job.error) : null,
     h("section", { class: "card facts" },
       h("div", { class: "fact wide" }, h("label", {}, "Progress"), progressBar(job.progress, job.status)),
-      [["Method", method(job)], ["Backend", backend(job)], ["Model", spec.model], ["Dataset", spec.dataset],
+      [["Method", method(job)], ["Backend", backend(job)], ["Model", job.model ?? spec.model],
+        ["Dataset", job.dataset ?? spec.dataset],
         ["Loss", formatNumber(last.loss)], ["Learning rate", formatNumber(last.lr)], ["Attempts", job.attempts],
         ["Running for", duration(job)], ["Created", ago(job.created_at)], ["Queue", job.queue]]
         .map(([k, v]) => h("div", { class: "fact" }, h("label", {}, k), h("span", { class: "mono" }, v ?? "–")))),
@@ -288,38 +295,85 @@ async function refresh() {
   if (!done && state.key) state.timer = setTimeout(refresh, POLL_MS);
 }
 
-function askForKey(message) {
+function askForKey(message, offered) {
   const dialog = document.getElementById("key-dialog");
   const error = document.getElementById("key-error");
+  const note = document.getElementById("key-note");
   error.hidden = !message;
   error.textContent = message || "";
+  note.hidden = !offered;
+  note.textContent = offered ? `A link filled in a key starting with ${offered.slice(0, 8)}…: Save to use it.` : "";
+  if (offered) document.getElementById("key-input").value = offered;
   if (!dialog.open) dialog.showModal();
 }
 
-function takeKeyFromFragment() {
-  // `#key=...` (printed by `qaa up`): the fragment never reaches the server nor its logs.
+function useKey(key) {
+  state.key = key;
+  localStorage.setItem(KEY_STORAGE, key);
+  state.metrics.clear(); // what another key's owner may see is not kept
+  refresh();
+}
+
+// `#key=...` (printed by `qaa up`): the fragment never reaches the server nor its logs. It is wiped from the
+// address bar at once (so the key stays neither in the URL nor in the history) and returned, never stored here.
+function keyFromFragment() {
   const m = location.hash.match(/^#key=([^&]+)/);
-  if (!m) return;
-  state.key = decodeURIComponent(m[1]);
-  localStorage.setItem("qaa_api_key", state.key);
-  history.replaceState(null, "", `${location.pathname}#/`);
+  if (!m) return null;
+  history.replaceState(null, "", `${location.pathname}${location.search}`);
+  try {
+    return decodeURIComponent(m[1]).trim() || null;
+  } catch {
+    return null; // malformed escapes: nothing to offer
+  }
+}
+
+// A link can come from anyone: its key replaces nothing until the user says so. Without a key yet, the key
+// dialog opens filled in (Save stores it); with another one, the link-key dialog asks (only a prefix is shown).
+// Nothing is fetched until it is answered.
+function offerLinkKey(linkKey) {
+  clearTimeout(state.timer);
+  if (!state.key) {
+    askForKey(null, linkKey);
+    return;
+  }
+  state.linkKey = linkKey;
+  document.getElementById("link-key-prefix").textContent = `${linkKey.slice(0, 8)}…`;
+  const dialog = document.getElementById("link-key-dialog");
+  dialog.returnValue = "";
+  if (!dialog.open) dialog.showModal();
+}
+
+function onLinkKeyAnswer() {
+  const dialog = document.getElementById("link-key-dialog");
+  const linkKey = state.linkKey;
+  state.linkKey = null;
+  // "Use this key" closes it with "use"; "Keep my key" with "keep", Escape with "": both keep the stored key.
+  if (dialog.returnValue === "use" && linkKey) useKey(linkKey);
+  else refresh();
+}
+
+function onHashChange() {
+  const linkKey = keyFromFragment();
+  if (linkKey && linkKey !== state.key) offerLinkKey(linkKey);
+  else refresh();
 }
 
 function init() {
-  takeKeyFromFragment();
+  const linkKey = keyFromFragment();
   document.getElementById("key-form").addEventListener("submit", () => {
-    state.key = document.getElementById("key-input").value.trim();
-    localStorage.setItem("qaa_api_key", state.key);
-    refresh();
+    const key = document.getElementById("key-input").value.trim();
+    if (key) useKey(key);
   });
   document.getElementById("key-forget").addEventListener("click", () => {
-    localStorage.removeItem("qaa_api_key");
+    localStorage.removeItem(KEY_STORAGE);
     state.key = null;
     document.getElementById("key-input").value = "";
   });
   document.getElementById("key-button").addEventListener("click", () => askForKey());
-  window.addEventListener("hashchange", refresh);
-  if (!state.key) askForKey();
+  document.getElementById("link-key-dialog").addEventListener("close", onLinkKeyAnswer);
+  window.addEventListener("hashchange", onHashChange);
+  if (linkKey && linkKey !== state.key) offerLinkKey(linkKey);
+  else if (!state.key) askForKey();
   else refresh();
 }
 

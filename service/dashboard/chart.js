@@ -119,8 +119,9 @@ export function lineChart(container, series, { width = 640, height = 260, xLabel
     legend.className = "legend";
     for (const s of series) {
       const item = document.createElement("span");
-      item.innerHTML = `<i style="background:${s.color}"></i>`;
-      item.append(`${s.label} (${s.points.length})`);
+      const swatch = document.createElement("i");
+      swatch.style.background = s.color; // CSSOM, not a style attribute: allowed by the API's CSP
+      item.append(swatch, `${s.label} (${s.points.length})`);
       legend.appendChild(item);
     }
     container.appendChild(legend);

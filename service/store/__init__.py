@@ -6,7 +6,7 @@ Light on purpose (SQLAlchemy and Alembic only), so the API process and workers c
 from service.store.base import new_id, utcnow
 from service.store.credentials import CREDENTIAL_KINDS, CredentialInfo, OwnerCredential
 from service.store.engine import STORE_UNREACHABLE, make_engine, normalize_url
-from service.store.jobs import Heartbeat, JobPage, decode_cursor, encode_cursor
+from service.store.jobs import Heartbeat, JobPage, Spend, decode_cursor, encode_cursor
 from service.store.models import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
@@ -40,6 +40,7 @@ __all__ = [
     "JobStatus",
     "MetricPoint",
     "OwnerCredential",
+    "Spend",
     "Store",
     "alembic_config",
     "decode_cursor",

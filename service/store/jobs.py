@@ -17,7 +17,7 @@ from sqlalchemy import and_, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.store.base import StoreBase, check_owner, new_id
-from service.store.models import ACTIVE_STATUSES, Job, JobStatus, UTCDateTime
+from service.store.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, JobStatus, UTCDateTime
 
 if TYPE_CHECKING:
     from service.spec import JobSpec
@@ -32,6 +32,15 @@ class Heartbeat:
 
     ours: bool
     cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class Spend:
+    """Circuits, shots and QPU seconds: a job's estimate, or an owner's sum of them."""
+
+    circuits: int = 0
+    shots: int = 0
+    qpu_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,8 @@ def _statuses(status: JobStatus | str | Iterable[JobStatus | str]) -> list[JobSt
 class JobRepo(StoreBase):
     """The job methods of `Store`."""
 
-    def create_job(self, owner: str, spec: JobSpec) -> Job:
+    def create_job(self, owner: str, spec: JobSpec, estimate: Spend | None = None) -> Job:
+        """A queued job; `estimate` is what it was admitted with (counted by `spend_since`)."""
         now = self._now()
         job = Job(
             id=new_id("job"),
@@ -83,10 +93,59 @@ class JobRepo(StoreBase):
             steps=spec.training.steps,
             created_at=now,
             updated_at=now,
+            estimated_circuits=estimate.circuits if estimate else None,
+            estimated_shots=estimate.shots if estimate else None,
+            estimated_qpu_seconds=estimate.qpu_seconds if estimate else None,
         )
         with self._write() as s:
             s.add(job)
         return job
+
+    def record_estimate(self, job_id: str, estimate: Spend) -> None:
+        """Set the estimate of a job admitted unpriced (its worker priced it from the loaded model)."""
+        with self._write() as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(
+                    estimated_circuits=estimate.circuits,
+                    estimated_shots=estimate.shots,
+                    estimated_qpu_seconds=estimate.qpu_seconds,
+                )
+                .execution_options(synchronize_session=False)
+            )
+
+    def spend_since(self, owner: str, since: datetime) -> Spend:
+        """The estimates of `owner`'s jobs created since `since`, summed in SQL."""
+        query = select(
+            func.coalesce(func.sum(Job.estimated_circuits), 0),
+            func.coalesce(func.sum(Job.estimated_shots), 0),
+            func.coalesce(func.sum(Job.estimated_qpu_seconds), 0.0),
+        ).where(Job.owner == owner, Job.created_at >= since)
+        with self._read() as s:
+            circuits, shots, qpu = s.execute(query).one()
+        return Spend(int(circuits), int(shots), float(qpu))
+
+    def count_active_jobs(self, owner: str) -> int:
+        """`owner`'s jobs that are queued, running or cancelling."""
+        query = select(func.count()).where(Job.owner == owner, Job.status.not_in(TERMINAL_STATUSES))
+        with self._read() as s:
+            return int(s.scalar(query))
+
+    def active_jobs_naming(self, owner: str, dataset_id: str) -> list[str]:
+        """Ids of `owner`'s queued or running jobs whose spec names `dataset_id`."""
+        query = select(Job.id).where(
+            Job.owner == owner,
+            Job.status.not_in(TERMINAL_STATUSES),
+            Job.spec["dataset"].as_string() == dataset_id,
+        )
+        with self._read() as s:
+            return list(s.scalars(query))
+
+    def circuits_executed(self) -> int:
+        """Circuits every job has executed, from the `usage` counters workers report, summed in SQL."""
+        with self._read() as s:
+            return int(s.scalar(select(func.coalesce(func.sum(Job.usage["circuits"].as_integer()), 0))))
 
     def get_job(self, job_id: str, owner: str) -> Job | None:
         """The job if it exists and belongs to `owner`; another owner's job is indistinguishable from none."""

@@ -17,6 +17,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -121,6 +122,10 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     usage: Mapped[dict[str, Any] | None]
     evaluation: Mapped[dict[str, Any] | None]
+    #: The estimate the job was admitted with (per-owner daily ceilings add these up in SQL); null: not priced.
+    estimated_circuits: Mapped[int | None] = mapped_column(BigInteger)
+    estimated_shots: Mapped[int | None] = mapped_column(BigInteger)
+    estimated_qpu_seconds: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     enqueued_at: Mapped[datetime | None]

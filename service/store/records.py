@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Insert, or_, select, update
+from sqlalchemy import Insert, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.store.base import StoreBase, check_owner, new_id
@@ -127,6 +127,13 @@ class RecordRepo(StoreBase):
         with self._read() as s:
             return s.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
 
+    def delete_artifacts(self, job_id: str) -> list[Artifact]:
+        """Forget every artifact of a job; returns the rows removed, whose files the caller deletes."""
+        with self._write() as s:
+            rows = list(s.scalars(select(Artifact).where(Artifact.job_id == job_id)))
+            s.execute(delete(Artifact).where(Artifact.job_id == job_id))
+            return rows
+
     # --- datasets ---
 
     def create_dataset(
@@ -154,6 +161,21 @@ class RecordRepo(StoreBase):
         with self._read() as s:
             query = select(Dataset).where(Dataset.owner == owner)
             return list(s.scalars(query.order_by(Dataset.created_at.desc(), Dataset.id.desc())))
+
+    def dataset_usage(self, owner: str) -> tuple[int, int]:
+        """(datasets, bytes) `owner` keeps, for the upload quotas."""
+        query = select(func.count(), func.coalesce(func.sum(Dataset.size), 0)).where(Dataset.owner == owner)
+        with self._read() as s:
+            count, size = s.execute(query).one()
+        return int(count), int(size)
+
+    def delete_dataset(self, dataset_id: str, owner: str) -> Dataset | None:
+        """Forget `owner`'s dataset (None if there is none); the caller deletes its file."""
+        with self._write() as s:
+            dataset = s.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.owner == owner))
+            if dataset is not None:
+                s.delete(dataset)
+            return dataset
 
     # --- API keys ---
 

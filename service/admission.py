@@ -1,0 +1,151 @@
+"""Whether a job may run, decided once for the API (before the job is stored) and again by the worker (before it
+opens anything or runs a step): the references it names, whose IBM token pays, the owner's quotas, and what the
+estimate may spend under the spec's budgets and the operator's ceilings.
+
+The rules are the operator's (`Settings`), and no spec can raise them:
+- `model` and `dataset` resolve under `service.references` (builtins, the owner's uploads, allowed folders).
+- An `ibm:` job signs in with its owner's stored token; the workers' own `QAA_IBM_TOKEN` serves only the owners
+  in `QAA_IBM_TOKEN_OWNERS`.
+- Queued + running jobs per owner are capped (429).
+- The estimate must fit the spec's `max_circuits`/`max_shots`, the per-job ceilings (`QAA_MAX_JOB_*`), the
+  owner's 24-hour ceilings (`QAA_MAX_OWNER_DAILY_*`, 429: they free up as the day moves on) and the engine
+  state cap (`QAA_MAX_ENGINE_STATE_MB`).
+
+Each refusal is a `Refused` naming the spec field at fault and the limit, which the API answers as problem+json
+and the worker turns into the job's error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from circuits.cost_estimate import Estimate
+from service.api.cost import EstimateError, spec_cost
+from service.references import RefusedReference, resolve_references
+from service.settings import DAY_S, Settings
+from service.spec import JobSpec
+from service.store import Spend, Store
+
+
+class Refused(Exception):
+    """A job that may not run: `status` (422 or 429), the spec `path` at fault, and why."""
+
+    def __init__(self, status: int, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.status, self.path, self.message = status, path, message
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """One figure of the estimate against the operator's limit on it."""
+
+    figure: str
+    setting: str
+    value: float
+    limit: float
+
+
+def uses_worker_token(spec: JobSpec, store: Store, owner: str) -> bool:
+    """An `ibm:` job whose owner stored no IBM token would sign in with the workers' own."""
+    ibm = spec.quantum is not None and spec.quantum.backend.startswith("ibm:")
+    return ibm and not any(info.kind == "ibm" for info in store.describe_credentials(owner))
+
+
+def worker_token_allowed(owner: str, settings: Settings) -> bool:
+    return "*" in settings.ibm_token_owners or owner in settings.ibm_token_owners
+
+
+def check_references(spec: JobSpec, store: Store, owner: str, settings: Settings) -> tuple[str, str]:
+    """(model, dataset) as the worker opens them; `Refused` for a reference this server does not serve."""
+    try:
+        model, dataset = resolve_references(spec.model, spec.dataset, settings)
+    except RefusedReference as exc:
+        raise Refused(422, exc.field, exc.message) from None
+    if dataset.startswith("ds_") and store.get_dataset(dataset, owner) is None:
+        raise Refused(422, "dataset", f"no dataset {dataset!r}; upload one with POST /v1/datasets")
+    if uses_worker_token(spec, store, owner) and not worker_token_allowed(owner, settings):
+        raise Refused(
+            422,
+            "quantum.backend",
+            f"{spec.quantum.backend} needs your own IBM Quantum token: store it with PUT /v1/credentials/ibm "
+            "(the server's token serves only the owners its operator names in QAA_IBM_TOKEN_OWNERS)",
+        )
+    return model, dataset
+
+
+def check_active_jobs(store: Store, owner: str, settings: Settings) -> None:
+    active = store.count_active_jobs(owner)
+    if active >= settings.max_active_jobs_per_owner:
+        raise Refused(
+            429,
+            "owner",
+            f"you have {active} queued or running jobs, the most this server allows "
+            f"(QAA_MAX_ACTIVE_JOBS_PER_OWNER={settings.max_active_jobs_per_owner}); wait for one to end or cancel one",
+        )
+
+
+def spend_of(spec: JobSpec, est: Estimate) -> Spend:
+    """The estimate as money: QPU seconds count on hardware (`ibm:`) only."""
+    ibm = spec.quantum is not None and spec.quantum.backend.startswith("ibm:")
+    return Spend(est.circuits, est.shots, est.qpu_seconds if ibm else 0.0)
+
+
+def check_spend(spend: Spend, engine_bytes: int, settings: Settings) -> None:
+    """The per-job ceilings and the engine state cap (422 naming the figure and the setting)."""
+    mb = engine_bytes / 2**20
+    for c in (
+        Ceiling("circuits", "QAA_MAX_JOB_CIRCUITS", spend.circuits, settings.max_job_circuits),
+        Ceiling("shots", "QAA_MAX_JOB_SHOTS", spend.shots, settings.max_job_shots),
+        Ceiling("QPU seconds", "QAA_MAX_JOB_QPU_SECONDS", spend.qpu_seconds, settings.max_job_qpu_seconds),
+        Ceiling("MiB of adapter state", "QAA_MAX_ENGINE_STATE_MB", mb, settings.max_engine_state_mb),
+    ):
+        if c.value > c.limit:
+            path = "training.batch_size" if c.setting == "QAA_MAX_ENGINE_STATE_MB" else "quantum"
+            raise Refused(
+                422,
+                path,
+                f"the job's estimated {c.value:,.0f} {c.figure} exceed this server's limit of {c.limit:,.0f} per "
+                f"job ({c.setting}); shrink the job (steps, batch_size, max_length, qubits, shots)",
+            )
+
+
+def check_daily(store: Store, owner: str, spend: Spend, settings: Settings, *, counted: bool = False) -> None:
+    """The owner's 24-hour ceilings with this job's `spend` added (`counted`: it is already in the store)."""
+    since = store.clock() - timedelta(seconds=DAY_S)
+    day = store.spend_since(owner, since)
+    extra = Spend() if counted else spend
+    for c in (
+        Ceiling("circuits", "QAA_MAX_OWNER_DAILY_CIRCUITS", day.circuits + extra.circuits,
+                settings.max_owner_daily_circuits),
+        Ceiling("shots", "QAA_MAX_OWNER_DAILY_SHOTS", day.shots + extra.shots, settings.max_owner_daily_shots),
+        Ceiling("QPU seconds", "QAA_MAX_OWNER_DAILY_QPU_SECONDS", day.qpu_seconds + extra.qpu_seconds,
+                settings.max_owner_daily_qpu_seconds),
+    ):  # fmt: skip
+        if c.value > c.limit:
+            raise Refused(
+                429,
+                "quantum",
+                f"with this job your estimated {c.figure} over the last 24 hours would be {c.value:,.0f}, above "
+                f"this server's limit of {c.limit:,.0f} per owner per day ({c.setting}); try later or shrink the job",
+            )
+
+
+def admit(store: Store, owner: str, spec: JobSpec, settings: Settings) -> Spend | None:
+    """The API's admission of a new job: every rule above, in order; returns the spend to record with the job
+    (None for a model the API cannot price: its worker prices it from the loaded model and checks it then)."""
+    check_references(spec, store, owner, settings)
+    check_active_jobs(store, owner, settings)
+    try:
+        cost = spec_cost(spec)
+    except EstimateError as exc:
+        if exc.path in ("d_in", "adapters"):
+            return None
+        raise Refused(422, exc.path, str(exc)) from exc
+    if cost.over_budget:
+        path = "quantum.max_shots" if "max_shots" in cost.over_budget else "quantum.max_circuits"
+        raise Refused(422, path, cost.over_budget + "; raise the budget or shrink the job")
+    spend = spend_of(spec, cost.estimate)
+    check_spend(spend, cost.engine_state_bytes, settings)
+    check_daily(store, owner, spend, settings)
+    return spend
