@@ -106,7 +106,7 @@ def main() -> None:
     exact, _ = _layer(N)
     result["exact_seconds"] = _step_seconds(exact, x, repeats=10)
 
-    peer = _peer_seconds(x, ours.engine.runner.simulator)
+    peer = _peer_seconds(x, ours.engine.runner.simulator(ours.engine.isa))
     result["peer_seconds"] = peer * M / PEER_INPUTS
     result["peer_note"] = (
         f"timed on {PEER_INPUTS} of {M} inputs ({peer:.1f} s) and scaled linearly: the peer "
@@ -120,7 +120,7 @@ def main() -> None:
     result["noisy_seconds"] = _step_seconds(noisy, x, repeats=2)
     result["noisy_shots"] = noisy.config.effective_shots()
     result["noisy_width"] = noisy.engine.isa.num_qubits
-    result["noisy_method"] = noisy.engine.runner.simulator.options.method
+    result["noisy_method"] = noisy.engine.runner.simulator(noisy.engine.isa).options.method
     split = noisy.engine.split
     result["noisy_gates_whole"] = len(noisy.engine.isa.data)
     result["noisy_gates_per_row"] = None if split is None else len(split.suffix.data)

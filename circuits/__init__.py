@@ -8,6 +8,7 @@ validates specs with them).
 from importlib import import_module
 
 from .config import QAAConfig
+from .execution import Execution, execution
 
 _LAZY = {
     "QAALayer": ".layer",
@@ -23,7 +24,7 @@ _LAZY = {
     "list_backends": ".backends",
 }
 
-__all__ = ["QAAConfig", *_LAZY]
+__all__ = ["Execution", "QAAConfig", "execution", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -28,6 +28,30 @@ MAX_TARGET_NAMES = 256
 MAX_TARGET_NAME = 200
 
 
+#: The fields that say where and how circuits run, not what an adapter is: a run sets them (`circuits.execution`),
+#: a saved adapter leaves them out.
+EXECUTION_FIELDS = (
+    "backend",
+    "gradient",
+    "seed",
+    "shots",
+    "input_grad",
+    "embedding",
+    "optimization_level",
+    "device",
+    "method",
+    "noise",
+    "spsa_samples",
+    "ibm_mode",
+    "primitive_options",
+    "job_timeout_s",
+    "max_circuits",
+    "max_shots",
+    "max_qpu_seconds",
+    "min_esp",
+)
+
+
 class QAAConfig(BaseModel):
     """Configuration of QAA adapters, as in PEFT's `LoraConfig`.
 
@@ -81,8 +105,13 @@ class QAAConfig(BaseModel):
         description="Passed through to the runtime Sampler options on `fake:`/`ibm:` (dynamical decoupling, "
         "twirling, ...), e.g. {'twirling': {'enable_gates': True}}.",
     )
+    job_timeout_s: float | None = Field(
+        3600, gt=0, description="fake:/ibm: a runtime job still running after this long is cancelled."
+    )
     max_circuits: int | None = Field(None, ge=1, description="Budget: a job estimated above it is refused up front.")
     max_shots: int | None = Field(None, ge=1, description="Budget on total shots, checked like max_circuits.")
+    max_qpu_seconds: float | None = Field(None, gt=0, description="Budget on the estimated QPU seconds (high end).")
+    min_esp: float | None = Field(None, gt=0, le=1, description="Refuse a run whose circuits' ESP is lower.")
 
     @field_validator("qubits")
     @classmethod

@@ -11,6 +11,11 @@ from dataclasses import asdict, dataclass
 
 from .config import QAAConfig
 
+#: IBM Quantum caps one runtime job at 10 million executions (parameter sets x shots); the runner splits there.
+MAX_EXECUTIONS_PER_JOB = 10_000_000
+#: Overhead of one runtime job on IBM hardware (low, high), assumed: IBM's "Workload usage" guide counts the time a
+#: QPU is locked for a job, its preparation included; it publishes no figure, so the range is our assumption.
+JOB_OVERHEAD_S = (2.0, 10.0)
 #: QPU time per shot at least: the repetition delay of IBM's Eagle and Heron devices (their `default_rep_delay`,
 #: 250 us, in the backend configuration), before any circuit time or per-job overhead.
 DEFAULT_REP_DELAY_S = 250e-6
@@ -20,9 +25,10 @@ DEFAULT_REP_DELAY_S = 250e-6
 class Estimate:
     """Per training step and in total, over all adapters. With `input_grad: shift` every adapter is assumed to
     need its input gradient, so an adapter whose input depends on nothing trainable costs less than estimated.
-    `primitive_calls` is a lower bound on `ibm:` backends, which split a step where the backend's job limits
-    force it. `qpu_seconds` (device backends only) is the floor the shots alone take at the default repetition
-    delay. `note` says what the figures leave out."""
+    `primitive_calls` counts primitive runs: one per adapter and step on Aer; on `fake:`/`ibm:` each run is a
+    runtime job, and a step is split into ceil(rows / (10^7 // shots)) of them (`runtime_jobs`). `qpu_seconds`
+    (device backends only) is the floor the shots alone take at the default repetition delay. `note` says what
+    the figures leave out."""
 
     circuits_per_step: int
     circuits: int
@@ -30,6 +36,7 @@ class Estimate:
     primitive_calls: int
     note: str
     qpu_seconds: float = 0.0
+    runtime_jobs: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,8 +66,10 @@ def estimate(config: QAAConfig, tokens_per_step: int, steps: int, d_in: int, ada
         return Estimate(0, 0, 0, 0, "the exact engine runs no circuits")
     device = config.backend.startswith(("fake:", "ibm:"))
     n = config.num_qubits(d_in)
-    per_step = adapters * tokens_per_step * circuits_per_input(config, n)
+    rows = tokens_per_step * circuits_per_input(config, n)  # one adapter's parameter sets in one step
+    per_step = adapters * rows
     shots = config.effective_shots() or 0
+    calls = -(-rows // max(1, MAX_EXECUTIONS_PER_JOB // shots)) if device else 1
     notes = []
     if config.readout == "probs" and shots:
         notes.append(f"probs reads {2**n} probabilities per circuit: {shots} shots give about 1/sqrt(shots) each")
@@ -72,10 +81,18 @@ def estimate(config: QAAConfig, tokens_per_step: int, steps: int, d_in: int, ada
         circuits_per_step=per_step,
         circuits=per_step * steps,
         shots=per_step * steps * shots,
-        primitive_calls=adapters * steps,
+        primitive_calls=adapters * steps * calls,
         note="; ".join(notes),
-        qpu_seconds=per_step * steps * shots * DEFAULT_REP_DELAY_S if device else 0.0,
+        qpu_seconds=qpu_floor(per_step * steps * shots, adapters * steps * calls) if device else 0.0,
+        runtime_jobs=adapters * steps * calls if device else 0,
     )
+
+
+def qpu_floor(executions: int, runtime_jobs: int) -> float:
+    """QPU seconds that `executions` (parameter sets x shots) in `runtime_jobs` jobs take at least: the default
+    repetition delay per execution and the low per-job overhead (circuit durations need the transpilation:
+    `circuits.hardware.qpu_seconds` gives the range with them)."""
+    return executions * DEFAULT_REP_DELAY_S + runtime_jobs * JOB_OVERHEAD_S[0]
 
 
 #: Adapters by (d_in, d_out) of the module each wraps.
@@ -85,14 +102,45 @@ Widths = Mapping[tuple[int, int], int]
 def estimate_widths(config: QAAConfig, tokens_per_step: int, steps: int, widths: Widths) -> Estimate:
     """`estimate` summed over adapters of several shapes: what a whole model's adapters cost."""
     parts = [estimate(config, tokens_per_step, steps, d_in=d_in, adapters=n) for (d_in, _), n in sorted(widths.items())]
+    total = combined(*parts)
+    if not total.note and config.backend == "exact":
+        return Estimate(0, 0, 0, 0, "the exact engine runs no circuits")
+    return total
+
+
+def combined(*parts: Estimate) -> Estimate:
+    """The sum of estimates (training and evaluation, adapters of several shapes), notes kept once."""
     notes = list(dict.fromkeys(p.note for p in parts if p.note))
     return Estimate(
         circuits_per_step=sum(p.circuits_per_step for p in parts),
         circuits=sum(p.circuits for p in parts),
         shots=sum(p.shots for p in parts),
         primitive_calls=sum(p.primitive_calls for p in parts),
-        note="; ".join(notes) or ("the exact engine runs no circuits" if config.backend == "exact" else ""),
+        note="; ".join(notes),
         qpu_seconds=sum(p.qpu_seconds for p in parts),
+        runtime_jobs=sum(p.runtime_jobs for p in parts),
+    )
+
+
+def forward_estimate(config: QAAConfig, widths: Widths, calls: list[int]) -> Estimate:
+    """Inference only (evaluation, generation): each of `calls` runs that many input vectors through every
+    adapter once, one circuit each, with no shifted rows."""
+    if config.backend == "exact":
+        return Estimate(0, 0, 0, 0, "the exact engine runs no circuits")
+    device = config.backend.startswith(("fake:", "ibm:"))
+    shots = config.effective_shots() or 0
+    limit = max(1, MAX_EXECUTIONS_PER_JOB // shots) if device else None
+    adapters = sum(widths.values())
+    tokens = sum(calls)
+    primitive = adapters * sum(-(-c // limit) if limit else 1 for c in calls if c)
+    return Estimate(
+        circuits_per_step=0,
+        circuits=adapters * tokens,
+        shots=adapters * tokens * shots,
+        primitive_calls=primitive,
+        note="",
+        qpu_seconds=qpu_floor(adapters * tokens * shots, primitive) if device else 0.0,
+        runtime_jobs=primitive if device else 0,
     )
 
 
@@ -121,8 +169,12 @@ def engine_state_bytes(config: QAAConfig, tokens_per_step: int, widths: Widths) 
 
 
 def check_budget(config: QAAConfig, est: Estimate) -> None:
-    """Refuse a job whose estimate exceeds `max_circuits` or `max_shots`, naming the figures."""
+    """Refuse a job whose estimate exceeds `max_circuits`, `max_shots` or `max_qpu_seconds`, naming the figures."""
     if config.max_circuits is not None and est.circuits > config.max_circuits:
         raise ValueError(f"estimated {est.circuits} circuits exceed max_circuits={config.max_circuits}")
     if config.max_shots is not None and est.shots > config.max_shots:
         raise ValueError(f"estimated {est.shots} shots exceed max_shots={config.max_shots}")
+    if config.max_qpu_seconds is not None and est.qpu_seconds > config.max_qpu_seconds:
+        raise ValueError(
+            f"estimated {est.qpu_seconds:,.0f} QPU seconds at least exceed max_qpu_seconds={config.max_qpu_seconds:g}"
+        )

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import QAAConfig, matches_target
+from .config import EXECUTION_FIELDS, QAAConfig, matches_target
 from .layer import QAALayer, linear_features
 
 CONFIG_NAME = "adapter_config.json"
@@ -59,6 +59,9 @@ def wrap_modules(
 def inject_qaa(model: nn.Module, config: QAAConfig) -> nn.Module:
     """Wrap every module whose name matches `config.target_modules` in a `QAALayer` and freeze all else.
 
+    On a circuit backend the adapters are left unbound: run the model inside `circuits.execution(model)`,
+    which binds them all to one run.
+
     Example:
         >>> from torch import nn
         >>> model = nn.Sequential()
@@ -67,7 +70,9 @@ def inject_qaa(model: nn.Module, config: QAAConfig) -> nn.Module:
         >>> trainable_summary(model)["trainable"]
         76
     """
-    wrap_modules(model, config.target_modules, lambda module, name: QAALayer(module, config, name=name), QAALayer)
+    wrap_modules(
+        model, config.target_modules, lambda module, name: QAALayer(module, config, name=name, bind=False), QAALayer
+    )
     for layer in qaa_layers(model).values():
         for param in _adapter_parameters(layer):
             param.requires_grad_(True)
@@ -97,7 +102,9 @@ def save_qaa(model: nn.Module, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config: QAAConfig = model.qaa_config
-    (directory / CONFIG_NAME).write_text(json.dumps({"method": "qaa", **config.model_dump()}, indent=2))
+    # The adapter's shape only: where its circuits run is the next run's choice, not the adapter's.
+    shape = config.model_dump(exclude=set(EXECUTION_FIELDS) - {"seed"})
+    (directory / CONFIG_NAME).write_text(json.dumps({"method": "qaa", **shape}, indent=2))
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     save_file(tensors, directory / WEIGHTS_NAME)
     return directory
@@ -107,8 +114,8 @@ def load_qaa(model: nn.Module, directory: str | Path) -> nn.Module:
     """Restore adapters saved by `save_qaa`, injecting them first if the model has none."""
     directory = Path(directory)
     raw = json.loads((directory / CONFIG_NAME).read_text())
-    raw.pop("method", None)
-    config = QAAConfig(**raw)
+    raw.pop("method", None)  # our tag, or (adapters saved before the backend left the file) Aer's method
+    config = QAAConfig(**{k: v for k, v in raw.items() if k not in EXECUTION_FIELDS or k == "seed"})
     if not qaa_layers(model):
         inject_qaa(model, config)
     tensors = load_file(directory / WEIGHTS_NAME)

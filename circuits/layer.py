@@ -33,6 +33,7 @@ def _generator(seed: int, name: str) -> torch.Generator:
 class QAALayer(nn.Module):
     """Wraps `base_layer` (kept frozen and intact, so the adapter can be disabled or removed).
 
+    `engine` computes the readout: the exact engine, or a circuit engine of the run the layer is bound to.
     Parameters: `theta` ([P], P = 2Ln + n, uniform in [0, 2pi) as PennyLane's TorchLayer) and `up`
     (`nn.Linear(k, d_out, bias=False)`, zero-initialised so the adapted model starts identical to its base).
     With `compress: learned`, `compress` is a trainable `nn.Linear(d_in, 2^n, bias=False)`; with `fixed`, the buffer
@@ -47,13 +48,15 @@ class QAALayer(nn.Module):
         True
     """
 
-    def __init__(self, base_layer: nn.Module, config: QAAConfig, name: str = ""):
+    def __init__(self, base_layer: nn.Module, config: QAAConfig, name: str = "", *, bind: bool = True):
         super().__init__()
         self.base_layer = base_layer
         self.config = config
         self.in_features, self.out_features = linear_features(base_layer)
         self.n_qubits = config.num_qubits(self.in_features)
-        self.engine = get_engine(config, self.n_qubits)
+        # A layer on its own runs its circuits on its own; a model's layers are left unbound (`bind=False`) and
+        # share one run (`circuits.execution`). The exact engine needs no run.
+        self.engine = get_engine(config, self.n_qubits) if bind or config.backend == "exact" else None
         self.disabled = False
 
         gen = _generator(config.seed, name)
@@ -84,6 +87,11 @@ class QAALayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        if self.engine is None:
+            raise RuntimeError(
+                f"this adapter's circuits run on {self.config.backend!r} and it is bound to no run: "
+                "call the model inside `with circuits.execution(model):`"
+            )
         readout = self.engine(self.adapter_input(x), self.theta)
         # result + alpha * up(readout) as one addmm: no separate tensors for the update, its scaling and the sum.
         flat = result.reshape(-1, self.out_features).float()

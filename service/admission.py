@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from circuits.cost_estimate import Estimate
-from service.api.cost import EstimateError, spec_cost
+from circuits.cost_estimate import Estimate, combined
+from service.api.cost import EstimateError, cost_of, spec_cost
 from service.references import RefusedReference, resolve_references
 from service.settings import DAY_S, Settings
 from service.spec import JobSpec
@@ -54,6 +54,32 @@ def uses_worker_token(spec: JobSpec, store: Store, owner: str) -> bool:
 
 def worker_token_allowed(owner: str, settings: Settings) -> bool:
     return "*" in settings.ibm_token_owners or owner in settings.ibm_token_owners
+
+
+def ibm_credentials(store: Store, owner: str, settings: Settings) -> tuple[str | None, str | None]:
+    """The IBM Quantum token and instance `owner`'s `ibm:` work signs in with: the owner's stored ones
+    (`PUT /v1/credentials/ibm`), else the workers' `QAA_IBM_TOKEN`/`QAA_IBM_INSTANCE` if the operator lets this
+    owner use them (`QAA_IBM_TOKEN_OWNERS`). A stored token this process cannot decrypt is refused rather than
+    silently signing in as someone else."""
+    from service.vault import SecretKeyMissing, SecretUnreadable, secret_box
+
+    if any(info.kind == "ibm" for info in store.describe_credentials(owner)):
+        try:
+            stored = store.get_credential(owner, "ibm", secret_box(settings, create=False))
+        except (SecretKeyMissing, SecretUnreadable) as exc:
+            message = f"the owner's stored IBM Quantum token cannot be used here: {exc}"
+            raise Refused(422, "quantum.backend", message) from None
+        if stored is not None:  # else deleted since the look-up: the workers' own, if the owner may use it
+            return stored.token, stored.instance
+    if not worker_token_allowed(owner, settings):
+        raise Refused(
+            422,
+            "quantum.backend",
+            "this job's owner has no IBM Quantum token stored (PUT /v1/credentials/ibm), and the workers' token "
+            "serves only the owners named in QAA_IBM_TOKEN_OWNERS",
+        )
+    token = settings.ibm_token.get_secret_value() if settings.ibm_token else None
+    return token, settings.ibm_instance
 
 
 def check_references(spec: JobSpec, store: Store, owner: str, settings: Settings) -> tuple[str, str]:
@@ -131,6 +157,25 @@ def check_daily(store: Store, owner: str, spend: Spend, settings: Settings, *, c
             )
 
 
+def check_device(config, figures: list[dict], qpu_high: float) -> None:
+    """The spec's device budgets on the circuits as they will run: `min_esp` on every circuit, `max_qpu_seconds`
+    on the high end of the QPU-seconds range (422 naming the figure and the limit)."""
+    for row in figures:
+        if config.min_esp is not None and row["esp"] < config.min_esp:
+            raise Refused(
+                422,
+                "quantum.min_esp",
+                f"the {row['qubits']}-qubit circuit's estimated success probability on {row['backend']} is "
+                f"{row['esp']:.3g}, below min_esp={config.min_esp:g}; use fewer qubits or layers, or another device",
+            )
+    if config.max_qpu_seconds is not None and qpu_high > config.max_qpu_seconds:
+        raise Refused(
+            422,
+            "quantum.max_qpu_seconds",
+            f"the job may take up to {qpu_high:,.0f} QPU seconds, above max_qpu_seconds={config.max_qpu_seconds:g}",
+        )
+
+
 def admit(store: Store, owner: str, spec: JobSpec, settings: Settings) -> Spend | None:
     """The API's admission of a new job: every rule above, in order; returns the spend to record with the job
     (None for a model the API cannot price: its worker prices it from the loaded model and checks it then)."""
@@ -145,7 +190,29 @@ def admit(store: Store, owner: str, spec: JobSpec, settings: Settings) -> Spend 
     if cost.over_budget:
         path = "quantum.max_shots" if "max_shots" in cost.over_budget else "quantum.max_circuits"
         raise Refused(422, path, cost.over_budget + "; raise the budget or shrink the job")
-    spend = spend_of(spec, cost.estimate)
+    spend = spend_of(spec, combined(cost.estimate, cost.evaluation))
     check_spend(spend, cost.engine_state_bytes, settings)
     check_daily(store, owner, spend, settings)
+    if spec.quantum is None:
+        return spend
+    config = spec.qaa_config()
+    if config.min_esp is not None or config.max_qpu_seconds is not None:
+        from service.api import hardware
+
+        token, instance = ibm_credentials(store, owner, settings) if config.backend.startswith("ibm:") else (None, None)
+        try:
+            figures = hardware.circuits_on_backend(config, hardware.register_sizes(config, cost.widths), settings,
+                                                   token, instance)  # fmt: skip
+        except hardware.HardwareUnavailable as exc:
+            raise Refused(422, "quantum.backend", f"the device budgets cannot be checked: {exc}") from None
+        check_device(config, figures, hardware.qpu_range(config, per_width_executions(spec, cost.widths), figures)[1])
     return spend
+
+
+def per_width_executions(spec: JobSpec, widths) -> dict:
+    """(executions, runtime jobs) of training + evaluation for each adapter shape, for `hardware.qpu_range`."""
+    out = {}
+    for width, count in widths.items():
+        both = combined(*cost_of(spec, {width: count})[:2])
+        out[width] = (both.shots, both.runtime_jobs)
+    return out

@@ -135,17 +135,45 @@ class SecondsRange(BaseModel):
     high: float
 
 
+class EvaluationCost(BaseModel):
+    """What evaluation (eval loss passes, generation) runs at most, beside training."""
+
+    circuits: int
+    shots: int
+    runtime_jobs: int
+
+
+class CircuitOnBackend(BaseModel):
+    """One distinct adapter circuit as the job will run it: from the cached transpilation and the Target."""
+
+    qubits: int = Field(description="The adapter's register size n.")
+    two_qubit_gates: int
+    depth: int
+    duration_s: float = Field(description="Longest path through the Target's instruction durations.")
+    physical_qubits: list[int]
+    esp: float = Field(description="Estimated success probability: product of (1 - error) over gates, measurements.")
+    readout_errors: list[float]
+    median_two_qubit_error: float | None
+
+
 class EstimateOut(BaseModel):
-    """What a spec would cost, computed before anything runs."""
+    """What a spec would cost, computed before anything runs. Training figures are exact; `evaluation` is an
+    upper bound; QPU seconds follow the model in `circuits.hardware`."""
 
     backend: str
     circuits_per_step: int
     circuits: int
     shots: int
     primitive_calls: int
-    qpu_seconds: float = Field(
-        0.0, description="Device backends: QPU seconds the shots take at least (default repetition delay)."
+    runtime_jobs: int = Field(description="fake:/ibm: runtime jobs of training after splitting (10^7 executions).")
+    evaluation: EvaluationCost
+    qpu_seconds: SecondsRange | None = Field(
+        None, description="fake:/ibm: QPU seconds of training and evaluation (low, high); null elsewhere."
     )
+    circuits_on_backend: list[CircuitOnBackend] | None = Field(
+        None, description="fake:/ibm: each distinct circuit on the device; null when not computed (see note)."
+    )
+    warnings: list[str] = Field(default_factory=list)
     seconds: SecondsRange | None = Field(description="Wall time range; null when the model's speed is unknown.")
     within_budget: bool
     adapters: int

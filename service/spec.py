@@ -50,6 +50,11 @@ MAX_NAME_LENGTH = 200
 MAX_REF_LENGTH = 1000
 
 METHOD_KINDS = ("qaa", "lora", "prefix", "sora", "full")
+#: What evaluation runs, part of what a job is (the trainer runs it, the estimate prices it): `eval_loss` is the
+#: loss over the first 200 validation examples, in batches this many times `batch_size` (no activations are kept
+#: for a backward pass); generation runs in batches of the same size.
+EVAL_LOSS_EXAMPLES = 200
+EVAL_BATCH_FACTOR = 4
 Queue = Literal["cpu", "gpu", "qpu"]
 Metric = Literal["bleu", "rouge", "bertscore"]
 AerMethod = Literal[
@@ -269,6 +274,15 @@ class QuantumOptions(_Strict):
     spsa_samples: int = Field(1, ge=1, le=100)
     max_circuits: int = Field(10_000_000, ge=1, le=10**12, description="Budget; the job is refused above it.")
     max_shots: int = Field(10**9, ge=1, le=10**15, description="Budget; the job is refused above it.")
+    max_qpu_seconds: float | None = Field(
+        None, gt=0, le=10**7, allow_inf_nan=False, description="fake:/ibm: budget on the estimated QPU seconds."
+    )
+    min_esp: float | None = Field(
+        None, gt=0, le=1, allow_inf_nan=False, description="fake:/ibm: refuse the job if a circuit's ESP is lower."
+    )
+    job_timeout_s: float | None = Field(
+        None, gt=0, le=86_400, allow_inf_nan=False, description="fake:/ibm: cancel a runtime job running longer."
+    )
     ibm_mode: Literal["batch", "session", "job"] | None = Field(
         None, description="ibm: only; how runtime jobs are grouped (batch when unset)."
     )
@@ -328,6 +342,14 @@ class QuantumOptions(_Strict):
         backend = info.data.get("backend")
         if v is not None and backend is not None and not backend.startswith(("fake:", "ibm:")):
             raise ValueError(f"primitive_options apply to fake: and ibm: backends only, not {backend!r}")
+        return v
+
+    @field_validator("max_qpu_seconds", "min_esp", "job_timeout_s")
+    @classmethod
+    def _device_only(cls, v: Any, info: ValidationInfo) -> Any:
+        backend = info.data.get("backend")
+        if v is not None and backend is not None and not backend.startswith(("fake:", "ibm:")):
+            raise ValueError(f"{info.field_name} applies to fake: and ibm: backends only, not {backend!r}")
         return v
 
     @field_validator("device", "method", "noise")
@@ -456,14 +478,19 @@ class JobSpec(_Strict):
 def to_qaa_config(method: QAAMethod, quantum: QuantumOptions, *, seed: int = 0) -> QAAConfig:
     """Merge the adapter shape (`method`) and the execution path (`quantum`) into one `QAAConfig`.
 
-    Options left unset in the spec (`device`, `ibm_mode`, `primitive_options`) take QAAConfig's defaults.
+    Options left unset in the spec (`device`, `ibm_mode`, `primitive_options`, `job_timeout_s`) take QAAConfig's
+    defaults.
     """
     optional = {
         key: value
         for key, value in (
             ("device", quantum.device),
             ("ibm_mode", quantum.ibm_mode),
-            ("primitive_options", quantum.primitive_options and quantum.primitive_options.model_dump(exclude_unset=True)),
+            (
+                "primitive_options",
+                quantum.primitive_options and quantum.primitive_options.model_dump(exclude_unset=True),
+            ),
+            ("job_timeout_s", quantum.job_timeout_s),
         )
         if value is not None
     }
@@ -487,6 +514,8 @@ def to_qaa_config(method: QAAMethod, quantum: QuantumOptions, *, seed: int = 0) 
         spsa_samples=quantum.spsa_samples,
         max_circuits=quantum.max_circuits,
         max_shots=quantum.max_shots,
+        max_qpu_seconds=quantum.max_qpu_seconds,
+        min_esp=quantum.min_esp,
         **optional,
     )
 

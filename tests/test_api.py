@@ -162,7 +162,7 @@ def test_a_job_over_its_circuit_budget_is_refused_up_front(api, auth_for):
     refused = api.post("/v1/jobs", json=spec, headers=alice)
     assert refused.status_code == 422
     assert refused.json()["errors"][0]["path"] == "quantum.max_circuits"
-    assert str(priced["circuits"]) in refused.json()["detail"]
+    assert str(priced["circuits"] + priced["evaluation"]["circuits"]) in refused.json()["detail"]
     assert api.app.state.store.count_jobs_by_status()["queued"] == 0
 
 

@@ -38,8 +38,9 @@ def test_counted_circuits_equal_estimate(options):
     model.add_module("v_proj", nn.Linear(8, 8))
     circuits.inject_qaa(model, config)
     x = torch.randn(5, 8, requires_grad=True)  # as inside a model: every adapter input needs a gradient
-    model.v_proj(model.q_proj(x) @ torch.ones(4, 8)).sum().backward()
-    used = circuits.usage(model)
+    with circuits.execution(model) as run:
+        model.v_proj(model.q_proj(x) @ torch.ones(4, 8)).sum().backward()
+    used = run.usage
     est = circuits.estimate(config, tokens_per_step=5, steps=1, d_in=8, adapters=2)
     assert used.circuits == est.circuits_per_step
     assert used.shots == est.shots

@@ -41,7 +41,7 @@ def _probabilities(simulator, circuit: QuantumCircuit, rows: np.ndarray) -> np.n
 
 def test_split_circuit_has_the_whole_circuits_distribution():
     engine = get_engine(QAAConfig(layers=2, backend="fake:FakeManilaV2", gradient="parameter-shift"), N)
-    split, simulator = engine.split, engine.runner.simulator
+    split, simulator = engine.split, engine.runner.simulator(engine.isa)
     assert split is not None and simulator.options.method == "density_matrix"
     assert 0 < len(split.suffix.data) < len(engine.isa.data)
     angles, theta = _angles(2)

@@ -251,7 +251,9 @@ def test_an_orphan_is_re_sent_once_not_every_period_while_its_queue_is_long(prod
 
 
 def test_a_job_that_raises_or_exhausts_its_memory_fails_alone_and_the_worker_serves_on(tmp_path, monkeypatch):
-    services = Services.embedded(tmp_path, QAA_WORKER_MEMORY_MB="3072")
+    # The engine-state cap would refuse this job before it allocates (tests/test_security.py); lifted here so
+    # the allocation itself runs into the memory bound.
+    services = Services.embedded(tmp_path, QAA_WORKER_MEMORY_MB="3072", QAA_MAX_ENGINE_STATE_MB="100000000")
     hog_spec = tiny_spec(steps=2, batch_size=512, max_length=512)
     hog_spec["method"]["qubits"] = 16  # 2**16 amplitudes for each of ~10**5 tokens: tens of GB
     with services.active(monkeypatch), start_worker(services) as worker:

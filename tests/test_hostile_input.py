@@ -330,6 +330,8 @@ def test_a_schemathesis_stateful_run_finds_no_server_error(hostile, world):
     parameters are ignored, as FastAPI does, and the key added to every call undoes a "missing header" case),
     `positive_data_acceptance` (see `test_api_schema.py`)."""
     hostile.app.state.submit_limiter = TokenBucket(per_minute=0, burst=1)  # chains submit often
+    # an estimate of a device spec transpiles in a child process (seconds each): a few are enough here
+    hostile.app.state.estimate_limiter = TokenBucket(per_minute=1, burst=3)
     # DELETE /v1/datasets/{dataset_id} is left out of the chains: schemathesis 4 draws its path parameter from
     # two strategies between runs and aborts with FlakyStrategyDefinition; the route's cases are in CASES and
     # test_security.py.
@@ -470,8 +472,8 @@ def test_keys_and_ibm_tokens_never_reach_logs_or_answers_and_raw_header_injectio
     with api, start_worker(services) as worker:
         answers = []
         client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        ibm = {**TINY, "quantum": {"backend": "ibm:ibm_torino", "gradient": "spsa"},
-               "training": {"steps": 1, "batch_size": 1, "max_length": 8}}  # fmt: skip
+        ibm = {**TINY, "quantum": {"backend": "ibm:ibm_torino", "gradient": "spsa", "shots": 256},
+               "training": {"steps": 1, "batch_size": 1, "max_length": 8}, "evaluation": {"samples": 0}}  # fmt: skip
         quick = {
             **TINY,
             "training": {"steps": 1, "batch_size": 2, "max_length": 32},

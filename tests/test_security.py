@@ -146,7 +146,8 @@ def test_a_dataset_in_use_cannot_be_deleted_and_finished_artifacts_can(server, t
 def test_daily_ceilings_count_every_job_of_the_day(server):
     aer = {**TINY, "quantum": {"backend": "aer", "gradient": "spsa"}, "training": {"steps": 2}}
     client, alice = server()
-    per_job = client.post("/v1/estimate", json=aer, headers=alice).json()["circuits"]
+    priced = client.post("/v1/estimate", json=aer, headers=alice).json()
+    per_job = priced["circuits"] + priced["evaluation"]["circuits"]  # training and evaluation both count
     client, alice = server(max_owner_daily_circuits=per_job * 2 + per_job // 2)  # two jobs a day, not three
     answers = [client.post("/v1/jobs", json=aer, headers=alice) for _ in range(3)]
     assert [a.status_code for a in answers] == [201, 201, 429]

@@ -150,3 +150,39 @@ def test_qaa_demo_starts_a_stack_runs_both_jobs_and_leaves_nothing_behind(tmp_pa
     jobs = services.store().list_jobs(LOCAL_OWNER).jobs
     assert sorted(j.status for j in jobs) == ["succeeded", "succeeded"]
     services.close()
+
+
+@pytest.mark.slow
+def test_qaa_up_restarts_a_killed_worker_keeps_serving_and_leaves_no_orphans_when_killed(tmp_path):
+    """SIGKILL of the one worker at step 25 of a 120-step job: the API answers throughout, the worker comes back,
+    the same job succeeds with every step recorded once. Then a SIGKILL of `qaa up` itself: no child lives on."""
+    services = Services.embedded(tmp_path)
+    port = free_port()
+    up = Up(services, port, "up-supervised.log")
+    credentials = up.wait_up()
+    base = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {credentials['api_key']}"}, timeout=10)
+    spec = tiny_spec(120)
+    spec["training"] |= {"checkpoint_every": 10, "max_length": 48}
+    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["step"] >= 25, 120, interval=0.05)
+    (worker,) = [p for p in up.descendants if "worker" in p.cmdline()]
+    worker.kill()
+
+    def done() -> bool:
+        assert httpx.get(base + "/healthz", timeout=5).status_code == 200  # the API never went away
+        return client.get(f"/v1/jobs/{job_id}").json()["status"] in ("succeeded", "failed")
+
+    wait_until(done, 180, interval=0.5, what="the job to end after its worker was killed")
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    steps = [p["step"] for p in client.get(f"/v1/jobs/{job_id}/metrics").json()["points"]]
+    assert job["status"] == "succeeded" and job["attempts"] >= 2, job
+    assert steps == list(range(1, 121))
+    assert "worker-1 exited with code -9; restarting it" in up.output() and "worker-1 restarted" in up.output()
+
+    family = psutil.Process(up.popen.pid).children(recursive=True)
+    assert family
+    up.popen.send_signal(signal.SIGKILL)
+    up.popen.wait(timeout=10)
+    wait_until(lambda: not alive(family), 15, what="the children to die with qaa up")
+    up.kill()

@@ -101,11 +101,14 @@ def restore_rng(model: torch.nn.Module, tensors: dict[str, Any], state: dict[str
 
 
 def _engine_rngs(model: torch.nn.Module) -> dict[str, np.random.Generator]:
+    """Each adapter engine's generator (SPSA directions) and the one its run's runner draws shot seeds from."""
     found = {}
     for name, module in model.named_modules():
-        rng = getattr(getattr(module, "engine", None), "rng", None)
-        if isinstance(rng, np.random.Generator):
-            found[name] = rng
+        engine = getattr(module, "engine", None)
+        for key, owner in ((name, engine), ("<runner>", getattr(engine, "runner", None))):
+            rng = getattr(owner, "rng", None)
+            if isinstance(rng, np.random.Generator):
+                found[key] = rng
     return found
 
 

@@ -117,7 +117,7 @@ def up(
         typer.echo("Ctrl-C stops everything; running jobs resume at the next start.")
         while True:
             time.sleep(POLL_S)
-            stack.check()
+            stack.supervise()
     except KeyboardInterrupt:
         typer.echo("stopping: workers hand their jobs back, then the API ...", err=True)
         stack.stop(grace)

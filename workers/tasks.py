@@ -33,11 +33,19 @@ from typing import Any, TypeVar
 
 from circuits.backends import environment
 from circuits.cost_estimate import check_budget
-from service.admission import Refused, check_daily, check_references, check_spend, spend_of, worker_token_allowed
+from service import admission
+from service.admission import (
+    Refused,
+    check_daily,
+    check_device,
+    check_references,
+    check_spend,
+    per_width_executions,
+    spend_of,
+)
 from service.settings import Settings
 from service.spec import JobSpec
 from service.store import STORE_UNREACHABLE, Job, JobStatus, Store
-from service.vault import SecretKeyMissing, SecretUnreadable, secret_box
 from workers.trainer import JobError, TrainingHooks, train
 
 log = logging.getLogger(__name__)
@@ -70,6 +78,10 @@ class Lease:
         self.store, self.job_id, self.worker_id = store, job_id, worker_id
         self.interval, self.lease_seconds = interval, lease_seconds
         self.deadline = deadline  # the job's wall-clock deadline (QAA_JOB_DEADLINE_SECONDS from its first start)
+        #: Called once, from the heartbeat, when the job is cancelled or the lease is lost: stops runtime jobs
+        #: in flight instead of letting them run (and bill) until the step ends.
+        self.on_stop: Callable[[], None] | None = None
+        self._stopped = False
         self.ours = True
         self.cancel_requested = False
         self.step: int | None = None
@@ -100,13 +112,25 @@ class Lease:
                 log.warning("job %s: lease not renewed in time (%s); stopping", self.job_id, exc)
                 with self._lock:
                     self.ours = False
+                self._stop_if_done()
             return self.live
         with self._lock:
             self.ours = self.ours and beat.ours
             self.cancel_requested = self.cancel_requested or beat.cancel_requested
             if beat.ours:
                 self._valid_until = started + self.lease_seconds
+        self._stop_if_done()
         return self.live
+
+    def _stop_if_done(self) -> None:
+        with self._lock:
+            stop = not self.live and not self._stopped and self.on_stop is not None
+            self._stopped = self._stopped or stop
+        if stop:
+            try:
+                self.on_stop()
+            except Exception:  # stopping is best effort; the step ends with the run either way
+                log.exception("job %s: stopping the run's runtime jobs failed", self.job_id)
 
     @property
     def past_deadline(self) -> bool:
@@ -204,24 +228,11 @@ def dataset_resolver(store: Store, owner: str):
 
 
 def ibm_credentials(store: Store, owner: str, settings: Settings) -> tuple[str | None, str | None]:
-    """The IBM Quantum token and instance an `ibm:` job of `owner` signs in with: the owner's stored ones
-    (`PUT /v1/credentials/ibm`), else the worker's `QAA_IBM_TOKEN`/`QAA_IBM_INSTANCE` if the operator lets this
-    owner use them (`QAA_IBM_TOKEN_OWNERS`). A stored token this worker cannot decrypt fails the job
-    (`JobError`) rather than silently signing in as someone else."""
-    if any(info.kind == "ibm" for info in store.describe_credentials(owner)):
-        try:
-            stored = store.get_credential(owner, "ibm", secret_box(settings, create=False))
-        except (SecretKeyMissing, SecretUnreadable) as exc:
-            raise JobError(f"the job owner's stored IBM Quantum token cannot be used here: {exc}") from None
-        if stored is not None:  # else deleted since the look-up: the worker's own, if the owner may use it
-            return stored.token, stored.instance
-    if not worker_token_allowed(owner, settings):
-        raise JobError(
-            "this job's owner has no IBM Quantum token stored (PUT /v1/credentials/ibm), and the workers' token "
-            "serves only the owners named in QAA_IBM_TOKEN_OWNERS"
-        )
-    token = settings.ibm_token.get_secret_value() if settings.ibm_token else None
-    return token, settings.ibm_instance
+    """`service.admission.ibm_credentials`, a refusal failing the job (`JobError`)."""
+    try:
+        return admission.ibm_credentials(store, owner, settings)
+    except Refused as exc:
+        raise JobError(exc.message) from None
 
 
 @contextmanager
@@ -308,10 +319,13 @@ def admission_hook(job: Job, spec: JobSpec, store: Store, settings: Settings):
     the adapters actually built; for a job the API could not price, the owner's daily ceilings too (and its
     estimate is recorded, so later jobs count it)."""
 
-    def check(est, engine_bytes: int) -> None:
+    def check(est, engine_bytes: int, widths: dict) -> None:
         try:
             if spec.method.kind == "qaa":
-                check_budget(spec.qaa_config(), est)
+                config = spec.qaa_config()
+                check_budget(config, est)
+                if config.min_esp is not None or config.max_qpu_seconds is not None:
+                    check_device_here(spec, config, widths)
             spend = spend_of(spec, est)
             check_spend(spend, engine_bytes, settings)
             if job.estimated_circuits is None:
@@ -325,6 +339,15 @@ def admission_hook(job: Job, spec: JobSpec, store: Store, settings: Settings):
     return check
 
 
+def check_device_here(spec: JobSpec, config, widths: dict) -> None:
+    """`admission.check_device` on figures computed in this process (the run's transpilation, cached)."""
+    from circuits.hardware import report
+    from service.api.hardware import qpu_range, register_sizes
+
+    figures = report(config, register_sizes(config, widths))
+    check_device(config, figures, qpu_range(config, per_width_executions(spec, widths), figures)[1])
+
+
 def _train(
     job: Job, run_dir: Path, lease: Lease, sink: MetricsSink, store: Store, settings: Settings
 ) -> tuple[JobStatus, dict | None, dict]:
@@ -336,8 +359,12 @@ def _train(
         raise JobError(str(exc)) from None
     spec = spec.model_copy(update={"model": model, "dataset": dataset})
     run_dir.mkdir(parents=True, exist_ok=True)
+
+    def started(execution) -> None:
+        lease.on_stop = execution.cancel if execution is not None else None
+
     hooks = TrainingHooks(record_metrics=sink, should_continue=lease.should_continue,
-                          admit=admission_hook(job, spec, store, settings))  # fmt: skip
+                          admit=admission_hook(job, spec, store, settings), started=started)  # fmt: skip
     with ibm_sign_in(spec, store, owner, settings):
         result = train(
             spec,

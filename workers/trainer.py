@@ -38,7 +38,9 @@ import torch
 
 import circuits
 import circuits.cost_estimate
-from service.spec import JobSpec
+from circuits.execution import ExecutionCancelled, RuntimeJobFailed, RuntimeJobTimeout
+from service.api.cost import cost_of
+from service.spec import EVAL_BATCH_FACTOR, EVAL_LOSS_EXAMPLES, JobSpec
 from workers import artifacts, checkpoints, evaluation
 from workers.datasets import DatasetError, Splits, collate, encode, load_splits
 from workers.methods import PreparedModel, prepare
@@ -46,10 +48,6 @@ from workers.models import ModelError, load_model
 
 log = logging.getLogger(__name__)
 
-#: The validation examples whose loss is `eval_loss` (all of builtin:restaurants' 200).
-EVAL_LOSS_EXAMPLES = 200
-#: Evaluation keeps no activations for a backward pass, so it takes batches this many times larger.
-EVAL_BATCH_FACTOR = 4
 COUNTERS = ("primitive_calls", "circuits", "shots", "qpu_seconds")
 
 
@@ -59,12 +57,15 @@ class JobError(Exception):
 
 @dataclass
 class TrainingHooks:
-    """`admit(estimate, engine_state_bytes)` sees what the loaded model's adapters will cost before the first
-    step, and raises to refuse the run (the worker's check of budgets and ceilings)."""
+    """`admit(estimate, engine_state_bytes, widths)` sees what the loaded model's adapters (by (d_in, d_out)) will
+    cost before the first step, and raises to refuse the run (the worker's check of budgets and ceilings)."""
 
     record_metrics: Callable[[list[dict]], None]
     should_continue: Callable[[int], bool]
-    admit: Callable[[circuits.cost_estimate.Estimate, int], None] | None = None
+    admit: Callable[[circuits.cost_estimate.Estimate, int, dict], None] | None = None
+    #: Called with the run's `circuits.Execution` (None without circuits) once it is open, e.g. to cancel its
+    #: runtime jobs from another thread when the job is cancelled.
+    started: Callable[[Any], None] | None = None
 
 
 @dataclass
@@ -96,20 +97,48 @@ def train(
     with _deterministic():
         _seed_everything(spec.training.seed)
         splits = _splits(spec, resolve_dataset)
-        run = _Run(spec, run_dir, hooks, *_prepared(spec, models_dir, device), splits, device)
-        if hooks.admit is not None:
-            hooks.admit(*run.cost())
-        if not run.fit():
-            return TrainingResult("cancelled", None, run.usage(), [])
-        return run.finish()
+        prepared, tokenizer, chat = _prepared(spec, models_dir, device)
+        if hooks.admit is not None:  # before the run signs in anywhere
+            hooks.admit(*run_cost(spec, prepared.model))
+        with _execution(spec, prepared.model) as execution:
+            if hooks.started is not None:
+                hooks.started(execution)
+            run = _Run(spec, run_dir, hooks, prepared, tokenizer, chat, splits, device, execution)
+            try:
+                result = run.finish() if run.fit() else TrainingResult("cancelled", None, {}, [])
+            except ExecutionCancelled:
+                result = TrainingResult("cancelled", None, {}, [])
+            except (RuntimeJobFailed, RuntimeJobTimeout) as exc:
+                raise JobError(str(exc)) from exc
+        result.usage = run.usage()  # after the run closed its Batch or Session, which the usage reports
+        return result
+
+
+def _execution(spec: JobSpec, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """One run for every adapter of a circuit-backed QAA job (one sign-in, one Batch or Session); nothing else."""
+    if spec.method.kind == "qaa" and spec.quantum is not None and spec.quantum.backend != "exact":
+        return circuits.execution(model, spec.qaa_config())
+    return contextlib.nullcontext(None)
+
+
+def run_cost(spec: JobSpec, model: torch.nn.Module) -> tuple[circuits.cost_estimate.Estimate, int, dict]:
+    """(training + evaluation estimate, engine state in bytes, adapters by shape) of a run, priced by the API's
+    own function from the adapters actually built (so a model the API cannot price is priced here)."""
+    if spec.method.kind != "qaa":
+        return circuits.cost_estimate.Estimate(0, 0, 0, 0, f"method {spec.method.kind} runs no circuits"), 0, {}
+    widths = Counter((layer.in_features, layer.out_features) for layer in circuits.qaa_layers(model).values())
+    training, evaluation, state = cost_of(spec, widths)
+    return circuits.cost_estimate.combined(training, evaluation), state, dict(widths)
 
 
 class _Run:
     """One attempt at a job: the prepared model, its optimizer and schedule, and the metric history."""
 
     def __init__(self, spec: JobSpec, run_dir: Path, hooks: TrainingHooks, prepared: PreparedModel,
-                 tokenizer: Any, chat: bool, splits: Splits, device: torch.device):  # fmt: skip
+                 tokenizer: Any, chat: bool, splits: Splits, device: torch.device, execution: Any):  # fmt: skip
         self.spec, self.hooks, self.prepared, self.splits, self.device = spec, hooks, prepared, splits, device
+        self.execution = execution  # the circuits.Execution of a circuit-backed run, else None
+        self.earlier_job_ids: list[str] = []  # runtime jobs of earlier attempts, from the checkpoint
         self.model, self.tokenizer, self.chat = prepared.model, tokenizer, chat
         self.checkpoints, self.artifacts = run_dir / "checkpoints", run_dir / "artifacts"
         t = spec.training
@@ -124,18 +153,6 @@ class _Run:
         self.pad_to = t.max_length if self.quantum else None
         self.attempt_training_usage = dict.fromkeys(COUNTERS, 0)
         self._resume()
-
-    def cost(self) -> tuple[circuits.cost_estimate.Estimate, int]:
-        """(the circuit estimate, the engine state in bytes) of this run, from the adapters actually built."""
-        t = self.spec.training
-        if self.spec.method.kind != "qaa":
-            return circuits.cost_estimate.Estimate(0, 0, 0, 0, f"method {self.spec.method.kind} runs no circuits"), 0
-        config = self.spec.qaa_config()
-        layers = circuits.qaa_layers(self.model).values()
-        widths = Counter((layer.in_features, layer.out_features) for layer in layers)
-        tokens = t.batch_size * t.max_length
-        est = circuits.cost_estimate.estimate_widths(config, tokens, t.steps, widths)
-        return est, circuits.cost_estimate.engine_state_bytes(config, tokens, widths)
 
     # --- training ---------------------------------------------------------------------------------------
 
@@ -194,7 +211,7 @@ class _Run:
         return point
 
     def _counters(self) -> dict[str, float]:
-        return circuits.usage(self.model).as_dict() if self.quantum else {}
+        return self.execution.usage.as_dict() if self.quantum else {}
 
     def _eval_loss(self) -> float:
         t = self.spec.training
@@ -213,7 +230,7 @@ class _Run:
             "scheduler": self.scheduler.state_dict(),
             **rng_tensors,
         }
-        meta = {"rng": rng_state, "history": self.history}
+        meta = {"rng": rng_state, "history": self.history, "runtime_job_ids": self._job_ids()}
         checkpoints.save(self.checkpoints, checkpoints.Checkpoint(self.step, tensors, meta))
 
     def _resume(self) -> None:
@@ -230,6 +247,7 @@ class _Run:
         self.scheduler.load_state_dict(found.tensors["scheduler"])
         checkpoints.restore_rng(self.model, found.tensors, found.meta["rng"])
         self.history, self.step = found.meta["history"], found.step
+        self.earlier_job_ids = found.meta.get("runtime_job_ids", [])
         log.info("resuming from the checkpoint at step %d", found.step)
 
     # --- the end ----------------------------------------------------------------------------------------
@@ -239,12 +257,20 @@ class _Run:
         the circuits that evaluation ran (validation loss, generation); empty without circuits."""
         if not self.quantum:
             return {}
-        now = circuits.usage(self.model).as_dict()
+        now = self.execution.usage.as_dict()
         out = {key: sum(p.get(key, 0) for p in self.history) for key in COUNTERS}
         out["transpile_hits"], out["transpile_misses"] = now["transpile_hits"], now["transpile_misses"]
         for key in COUNTERS:
             out[f"eval_{key}"] = now[key] - self.attempt_training_usage[key]
+        if self.execution is not None:
+            out |= self.execution.describe()
+            out["runtime_job_ids"] = self._job_ids()
         return out
+
+    def _job_ids(self) -> list[str]:
+        """Runtime job ids of every attempt (an attempt's jobs after its last checkpoint are not kept)."""
+        current = self.execution.runtime_job_ids if self.execution is not None else []
+        return [*self.earlier_job_ids, *current]
 
     def finish(self) -> TrainingResult:
         e = self.spec.evaluation
@@ -276,7 +302,7 @@ class _Run:
             {"prompt": s.prompt, "reference": s.completion, "generation": g}
             for s, g in zip(samples, generations, strict=True)
         ])  # fmt: skip
-        return TrainingResult("succeeded", result, self.usage(), sorted(self.artifacts.iterdir()))
+        return TrainingResult("succeeded", result, {}, sorted(self.artifacts.iterdir()))  # usage: by `train`
 
 
 # --- building blocks ----------------------------------------------------------------------------------------

@@ -7,11 +7,12 @@ differentiable in z and theta, so `QAALayer` never needs to know where its circu
 |---|---|
 | `exact` | `ExactEngine`: the torch statevector engine, autograd |
 | `aer` | `CircuitEngine` + `aer.AerRunner`: Aer primitives, exact or sampled, optional device noise |
-| `fake:<Name>` | `CircuitEngine` + `fake.FakeRunner`: runtime local testing mode on a fake IBM device |
-| `ibm:<name>` | `CircuitEngine` + `ibm.IbmRunner`: IBM Quantum hardware |
+| `fake:<Name>` | `CircuitEngine` + `runtime.RuntimeRunner` on a fake IBM device, in local testing mode |
+| `ibm:<name>` | `CircuitEngine` + `runtime.RuntimeRunner` on IBM Quantum hardware |
 
-Qiskit is imported only when a circuit engine is built or backends are listed, so importing this package (and
-`circuits`) stays cheap.
+A runner is the backend side of a run: one serves every adapter of a model (`circuits.execution`), so a job
+signs in once and opens one Batch or Session. Qiskit is imported only when a circuit engine is built or
+backends are listed, so importing this package (and `circuits`) stays cheap.
 """
 
 from __future__ import annotations
@@ -44,31 +45,41 @@ class ExactEngine:
         return exact_expectations(self.plan, z, theta)
 
 
-def get_engine(config: QAAConfig, n: int) -> Engine:
-    """The engine for `config.backend` on an n-qubit register; unknown names and unusable backends raise with
-    a message that says what is available or what to fix."""
+def make_runner(config: QAAConfig):
+    """The backend side of a run on `config.backend` (None for `exact`); unknown names and unusable backends
+    raise with a message that says what is available or what to fix (an `ibm:` device signs in here)."""
     backend = config.backend
     if backend == "exact":
-        return ExactEngine(config, n)
+        return None
     if backend != "aer" and not backend.startswith(("fake:", "ibm:")):
         raise ValueError(f"unknown backend {backend!r}; available: exact, aer, fake:<FakeBackend>, ibm:<backend>")
-    from .circuit_engine import CircuitEngine
     from .environment import environment
 
     env = environment()
     if backend == "aer":
         from .aer import AerRunner
 
-        runner = AerRunner(config, env)
-    elif backend.startswith("fake:"):
-        from .fake import FakeRunner
+        return AerRunner(config, env)
+    from .runtime import RuntimeRunner
 
-        runner = FakeRunner(config, env, backend.removeprefix("fake:"))
-    else:
-        from .ibm import IbmRunner
+    if backend.startswith("fake:"):
+        from .fake import fake_backend
 
-        runner = IbmRunner(config, env, backend.removeprefix("ibm:"))
-    return CircuitEngine(config, n, runner, env)
+        return RuntimeRunner(config, env, fake_backend(backend.removeprefix("fake:")), local=True)
+    from .ibm import connect
+
+    return RuntimeRunner(config, env, connect(backend.removeprefix("ibm:"), env), local=False)
+
+
+def get_engine(config: QAAConfig, n: int, runner=None) -> Engine:
+    """The engine for `config.backend` on an n-qubit register, on `runner` (a new one when None: a layer used on
+    its own; a model's adapters share their run's, see `circuits.execution`)."""
+    if config.backend == "exact":
+        return ExactEngine(config, n)
+    from .circuit_engine import CircuitEngine
+    from .environment import environment
+
+    return CircuitEngine(config, n, runner or make_runner(config), environment())
 
 
 @lru_cache(maxsize=1)

@@ -59,7 +59,8 @@ def tuned_options(method: str, exact: bool, width: int, device: str) -> dict:
 class AerRunner:
     """Runs PUBs on an Aer estimator (exact) or sampler (shots). Noisy runs use the compacted circuit and the
     noise of its physical qubits only. Exact noisy expectations (`noise` with `shots: null`) include gate
-    noise but not readout error, which acts on measurements only; sampled runs include both."""
+    noise but not readout error, which acts on measurements only; sampled runs include both. One runner serves
+    every adapter of a run; its simulator and primitive are built once per ISA circuit."""
 
     max_bindings = None  # Aer has no job limit
 
@@ -77,10 +78,11 @@ class AerRunner:
             self.name, self.stamp = f"aer+noise:{self.device.name}", calibration_stamp(self.device)
             self.transpile_backend, self.compact = self.device, True
         self.rng = np.random.default_rng(config.seed)
-        self.primitive = self.simulator = None
-        self.shares_prefix = False
+        self._bound: dict[int, tuple[QuantumCircuit, AerSimulator, object, bool]] = {}  # id(isa) -> state
 
     def bind(self, isa: QuantumCircuit) -> None:
+        if id(isa) in self._bound:
+            return
         direct = self.config.embedding == "direct"
         options: dict = {"device": self.config.device}
         if self.device is not None:
@@ -92,17 +94,31 @@ class AerRunner:
             options["method"] = self.config.method or "statevector"
         exact = not self.measured and self.device is None
         options |= tuned_options(options["method"], exact, isa.num_qubits, self.config.device)
-        self.simulator = AerSimulator(**options)
-        self.shares_prefix = options["method"] == "density_matrix" and isa.num_qubits <= MAX_SHARED_WIDTH
+        simulator = AerSimulator(**options)
+        shares = options["method"] == "density_matrix" and isa.num_qubits <= MAX_SHARED_WIDTH
         if self.measured:
-            self.primitive = SamplerV2.from_backend(self.simulator, default_shots=self.shots)
+            primitive = SamplerV2.from_backend(simulator, default_shots=self.shots)
         else:
-            self.primitive = EstimatorV2.from_backend(self.simulator, options={"default_precision": 0.0})
+            primitive = EstimatorV2.from_backend(simulator, options={"default_precision": 0.0})
+        self._bound[id(isa)] = (isa, simulator, primitive, shares)
+
+    def shares_prefix(self, isa: QuantumCircuit) -> bool:
+        return self._bound[id(isa)][3]
+
+    def simulator(self, isa: QuantumCircuit) -> AerSimulator:
+        return self._bound[id(isa)][1]
 
     def run(self, pubs, template: Template, isa: QuantumCircuit) -> tuple[list[np.ndarray], float]:
-        self.primitive.options.run_options["seed_simulator"] = int(self.rng.integers(2**31))
+        primitive = self._bound[id(isa)][2]
+        primitive.options.run_options["seed_simulator"] = int(self.rng.integers(2**31))
         if self.measured:
-            result = self.primitive.run(pubs).result()
+            result = primitive.run(pubs).result()
             return [bits_to_readout(r.data.meas, template) for r in result], 0.0
-        result = self.primitive.run([estimator_pub(template, isa, c, p) for c, p in pubs]).result()
+        result = primitive.run([estimator_pub(template, isa, c, p) for c, p in pubs]).result()
         return [evs_to_readout(r.data.evs, template) for r in result], 0.0
+
+    def cancel(self) -> None:
+        """Aer runs in this process and finishes the call in flight; there is nothing remote to cancel."""
+
+    def close(self) -> None:
+        self._bound.clear()

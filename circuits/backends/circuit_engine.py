@@ -57,7 +57,7 @@ class CircuitEngine:
             initial = self.isa.metadata["qaa_initial"]
             j = np.arange(2**n)
             self.placement = sum(((j >> i) & 1) << q for i, q in enumerate(initial))
-        self.split = split_prefix(self.isa, THETA) if runner.shares_prefix and not self.direct else None
+        self.split = split_prefix(self.isa, THETA) if runner.shares_prefix(self.isa) and not self.direct else None
 
     def __call__(self, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         z = z.double()
@@ -123,7 +123,7 @@ class CircuitEngine:
         shared = counts > 1
         groups = []
         if shared.any():
-            states = prefix_states(self.runner.simulator, self.split, params[first[shared]])
+            states = prefix_states(self.runner.simulator(self.isa), self.split, params[first[shared]])
             for point, rho in zip(points[shared], states, strict=True):
                 idx = np.flatnonzero(which == point)
                 groups.append((self.split.start_from(rho), params[idx][:, self.split.suffix_columns], idx))
@@ -143,19 +143,20 @@ class CircuitEngine:
 
 
 def _split(groups, limit: int | None):
-    """Group PUBs into primitive calls of at most `limit` parameter sets, splitting a PUB only when it alone
-    is larger than the limit."""
+    """Group PUBs into primitive calls of at most `limit` parameter sets, each call filled to the limit (a PUB
+    is split at a call boundary), so a step of B rows takes exactly ceil(B / limit) calls, as estimated."""
     if limit is None:
         yield groups
         return
-    call, size = [], 0
+    call, room = [], limit
     for circuit, params, idx in groups:
-        for start in range(0, len(idx), limit):
-            part = (circuit, params[start : start + limit], idx[start : start + limit])
-            if size + len(part[2]) > limit and call:
+        start = 0
+        while start < len(idx):
+            take = min(room, len(idx) - start)
+            call.append((circuit, params[start : start + take], idx[start : start + take]))
+            start, room = start + take, room - take
+            if room == 0:
                 yield call
-                call, size = [], 0
-            call.append(part)
-            size += len(part[2])
+                call, room = [], limit
     if call:
         yield call

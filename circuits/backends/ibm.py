@@ -1,25 +1,15 @@
-"""`ibm:<backend>`: IBM Quantum hardware through qiskit-ibm-runtime's executor-based Sampler.
+"""`ibm:<backend>`: signing in to IBM Quantum and finding its devices.
 
 Sign-in and backend lookup run under a deadline in a daemon thread: with no token, a rejected token or no
-network the engine fails at construction with a readable error, instead of retrying for minutes inside the
-client.
+network the run fails at its start with a readable error, instead of retrying for minutes inside the client.
+The device then runs through the same runner as the fake backends (`runtime.RuntimeRunner`).
 """
 
 from __future__ import annotations
 
 import threading
 
-import numpy as np
-from qiskit import QuantumCircuit
-
-from ..config import QAAConfig
-from ..template import Template
 from .environment import BackendEnvironment
-from .fake import calibration_stamp
-from .readout import bits_to_readout
-
-#: IBM Quantum caps one job at 10 million executions (parameter sets x shots); larger steps are split.
-MAX_EXECUTIONS_PER_JOB = 10_000_000
 
 
 class BackendUnavailable(RuntimeError):
@@ -91,41 +81,3 @@ def list_devices(env: BackendEnvironment) -> list[dict]:
         ]
 
     return _guarded(rows, env, "listing IBM backends")
-
-
-class IbmRunner:
-    measured = True
-    compact = False  # hardware runs the full-width ISA circuit
-    shares_prefix = False  # hardware runs every circuit whole
-
-    def __init__(self, config: QAAConfig, env: BackendEnvironment, name: str):
-        self.config = config
-        self.device = connect(name, env)
-        self.name, self.stamp = f"ibm:{self.device.name}", calibration_stamp(self.device)
-        self.transpile_backend = self.device
-        self.shots = config.effective_shots()
-        self.max_bindings = MAX_EXECUTIONS_PER_JOB // self.shots
-        self.mode = None
-        self.sampler = None
-
-    def bind(self, isa: QuantumCircuit) -> None:
-        from qiskit_ibm_runtime import Batch, Session
-        from qiskit_ibm_runtime.executor_sampler import Sampler
-
-        mode = {"batch": Batch, "session": Session}.get(self.config.ibm_mode)
-        self.mode = mode(backend=self.device) if mode else None
-        self.sampler = Sampler(mode=self.mode or self.device, options=self.config.primitive_options or None)
-        self.sampler.options.default_shots = self.shots
-
-    def run(self, pubs, template: Template, isa: QuantumCircuit) -> tuple[list[np.ndarray], float]:
-        job = self.sampler.run(pubs)
-        result = job.result()
-        try:
-            seconds = float(job.usage())
-        except Exception:  # usage is informative; a missing figure must not fail the step
-            seconds = 0.0
-        return [bits_to_readout(r.data.meas, template) for r in result], seconds
-
-    def close(self) -> None:
-        if self.mode is not None:
-            self.mode.close()

@@ -17,8 +17,16 @@ from dataclasses import dataclass
 
 from circuits import QAAConfig
 from circuits.config import matches_target
-from circuits.cost_estimate import Estimate, Widths, check_budget, engine_state_bytes, estimate_widths
-from service.spec import JobSpec, QAAMethod
+from circuits.cost_estimate import (
+    Estimate,
+    Widths,
+    check_budget,
+    combined,
+    engine_state_bytes,
+    estimate_widths,
+    forward_estimate,
+)
+from service.spec import EVAL_BATCH_FACTOR, EVAL_LOSS_EXAMPLES, JobSpec, QAAMethod
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,25 @@ class SpecCost:
     seconds: tuple[float, float] | None
     over_budget: str | None  # why the estimate exceeds the spec's budget; None when it fits
     engine_state_bytes: int = 0  # what the adapters' states imply (`circuits.cost_estimate.engine_state_bytes`)
+    evaluation: Estimate | None = None  # at most what evaluation runs (`evaluation_calls`)
+    widths: Widths | None = None  # adapters by (d_in, d_out)
+
+
+def evaluation_calls(spec: JobSpec) -> list[int]:
+    """Input vectors per forward call of a job's evaluation, at most: every eval-loss pass over up to
+    EVAL_LOSS_EXAMPLES validation examples padded to `max_length`, and the generation of `samples` test
+    prompts (a prefill of `max_length` tokens, then one token per row for each further new token)."""
+    t, e = spec.training, spec.evaluation
+    passes = sum(1 for s in range(1, t.steps + 1) if (t.eval_every and s % t.eval_every == 0) or s == t.steps)
+    batch = t.batch_size * EVAL_BATCH_FACTOR
+    calls = []
+    for _ in range(passes):
+        for start in range(0, EVAL_LOSS_EXAMPLES, batch):
+            calls.append(min(batch, EVAL_LOSS_EXAMPLES - start) * t.max_length)
+    for start in range(0, e.samples, batch):
+        rows = min(batch, e.samples - start)
+        calls += [rows * t.max_length] + [rows] * (e.max_new_tokens - 1)
+    return calls
 
 
 def adapter_widths(shape: ModelShape, targets: list[str] | str) -> Counter[tuple[int, int]]:
@@ -104,23 +131,32 @@ def spec_cost(spec: JobSpec, *, d_in: int | None = None, adapters: int | None = 
         classical = (low * tokens * steps, high * tokens * steps)
     if not isinstance(spec.method, QAAMethod) or spec.quantum is None:
         zero = Estimate(0, 0, 0, 0, f"method {spec.method.kind} runs no circuits")
-        return SpecCost(zero, [], 0, tokens, classical, None)
+        return SpecCost(zero, [], 0, tokens, classical, None, 0, Estimate(0, 0, 0, 0, ""), {})
 
     config = spec.qaa_config()
     widths = _widths(spec, shape, d_in, adapters)
     try:
-        total = estimate_widths(config, tokens, steps, widths)
-        state = engine_state_bytes(config, tokens, widths)
+        total, evaluation, state = cost_of(spec, widths)
     except ValueError as exc:  # e.g. a width that needs more qubits than allowed without compression
         raise EstimateError("method.qubits", str(exc)) from exc
-    seconds = _seconds(config, total, classical)
+    seconds = _seconds(config, combined(total, evaluation), classical)
     try:
-        check_budget(config, total)
+        check_budget(config, combined(total, evaluation))
         over = None
     except ValueError as exc:
         over = str(exc)
     d_ins = sorted({w for w, _ in widths})
-    return SpecCost(total, d_ins, sum(widths.values()), tokens, seconds, over, state)
+    return SpecCost(total, d_ins, sum(widths.values()), tokens, seconds, over, state, evaluation, widths)
+
+
+def cost_of(spec: JobSpec, widths: Widths) -> tuple[Estimate, Estimate, int]:
+    """(training, evaluation at most, engine state bytes) of a QAA spec whose adapters have `widths`: the one
+    pricing the API (from the builtin shapes) and the worker (from the loaded model) both use."""
+    config = spec.qaa_config()
+    tokens = spec.training.batch_size * spec.training.max_length
+    training = estimate_widths(config, tokens, spec.training.steps, widths)
+    evaluation = forward_estimate(config, widths, evaluation_calls(spec))
+    return training, evaluation, engine_state_bytes(config, tokens, widths)
 
 
 def _widths(spec: JobSpec, shape: ModelShape | None, d_in: int | None, adapters: int | None) -> Widths:

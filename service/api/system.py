@@ -17,15 +17,25 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from circuits.cost_estimate import combined
 from service import queueing
-from service.admission import Refused, check_spend, spend_of
+from service.admission import Refused, check_spend, ibm_credentials, per_width_executions, spend_of
+from service.api import hardware
 from service.api.body import SPEC_BODY, read_spec
 from service.api.cost import EstimateError, spec_cost
 from service.auth import owner_for_authorization
 from service.deps import CurrentOwner, SettingsDep, StoreDep
 from service.problems import Problem, field_problem, problem_responses
 from service.ratelimit import EstimateRateLimited
-from service.schemas import BackendOut, EstimateOut, Health, Readiness, SecondsRange
+from service.schemas import (
+    BackendOut,
+    CircuitOnBackend,
+    EstimateOut,
+    EvaluationCost,
+    Health,
+    Readiness,
+    SecondsRange,
+)
 
 router = APIRouter()
 
@@ -106,8 +116,9 @@ def backends(request: Request, _owner: CurrentOwner) -> list[BackendOut]:
 )
 async def estimate(
     request: Request,
+    store: StoreDep,
     settings: SettingsDep,
-    _owner: CurrentOwner,
+    owner: CurrentOwner,
     _rate: EstimateRateLimited,
     d_in: Annotated[int | None, Query(ge=1, le=1 << 20, description="Adapted modules' input width.")] = None,
     adapters: Annotated[int | None, Query(ge=1, le=100_000, description="How many modules are adapted.")] = None,
@@ -117,24 +128,51 @@ async def estimate(
         cost = await run_in_threadpool(spec_cost, spec, d_in=d_in, adapters=adapters)
     except EstimateError as exc:
         raise field_problem(422, exc.path, str(exc)) from exc
-    est = cost.estimate
+    est, evaluation = cost.estimate, cost.evaluation
+    notes = [est.note, cost.over_budget]
     try:  # the operator's per-job ceilings bind as the spec's budgets do
-        check_spend(spend_of(spec, est), cost.engine_state_bytes, settings)
+        check_spend(spend_of(spec, combined(est, evaluation)), cost.engine_state_bytes, settings)
         over_ceiling = None
     except Refused as exc:
         over_ceiling = exc.message
-    note = "; ".join(n for n in (est.note, cost.over_budget, over_ceiling) if n)
+    notes.append(over_ceiling)
+    device = spec.quantum is not None and spec.quantum.backend.startswith(("fake:", "ibm:"))
+    figures, qpu, warnings = None, None, []
+    if device:
+        qpu = (combined(est, evaluation).qpu_seconds, None)
+        try:
+            figures, qpu = await run_in_threadpool(_device_figures, spec, cost, store, owner, settings)
+            warnings = hardware.warnings_for(figures)
+        except (hardware.HardwareUnavailable, Refused) as exc:
+            notes.append(f"device figures unavailable: {exc}")
     return EstimateOut(
         backend=spec.quantum.backend if spec.quantum else "none",
         circuits_per_step=est.circuits_per_step,
         circuits=est.circuits,
         shots=est.shots,
         primitive_calls=est.primitive_calls,
+        runtime_jobs=est.runtime_jobs,
+        evaluation=EvaluationCost(
+            circuits=evaluation.circuits, shots=evaluation.shots, runtime_jobs=evaluation.runtime_jobs
+        ),
+        qpu_seconds=SecondsRange(low=qpu[0], high=qpu[1] if qpu[1] is not None else qpu[0]) if qpu else None,
+        circuits_on_backend=[CircuitOnBackend.model_validate(row) for row in figures] if figures else None,
+        warnings=warnings,
         seconds=SecondsRange(low=cost.seconds[0], high=cost.seconds[1]) if cost.seconds else None,
-        qpu_seconds=est.qpu_seconds,
         within_budget=cost.over_budget is None and over_ceiling is None,
         adapters=cost.adapters,
         d_in=cost.d_in,
         tokens_per_step=cost.tokens_per_step,
-        note=note,
+        note="; ".join(n for n in notes if n),
     )
+
+
+def _device_figures(spec, cost, store, owner: str, settings) -> tuple[list[dict], tuple[float, float]]:
+    """The circuits on the device (child process, cached) and the QPU-seconds range they give."""
+    config = spec.qaa_config()
+    token = instance = None
+    if config.backend.startswith("ibm:"):
+        token, instance = ibm_credentials(store, owner, settings)
+    figures = hardware.circuits_on_backend(config, hardware.register_sizes(config, cost.widths), settings, token,
+                                           instance)  # fmt: skip
+    return figures, hardware.qpu_range(config, per_width_executions(spec, cost.widths), figures)
