@@ -109,11 +109,18 @@ class Execution:
         runner = self.runner
         if runner is None or not hasattr(runner, "job_ids"):
             return {}
+        from .hardware import figures_of
+
+        isas = {id(engine.isa): (engine.isa, engine.n) for engine in self._engines if hasattr(engine, "isa")}
         return {
             "runtime_job_ids": self.runtime_job_ids,
             "runtime_retries": runner.retries,
             "sessions_opened": runner.modes_opened,
             "sessions_closed": runner.modes_closed,
+            # the qubits the layout chose and their errors, as the estimate reported them
+            "circuits_on_backend": [
+                figures_of(isa, runner.device, runner.name, n).as_dict() for isa, n in isas.values()
+            ],
         }
 
 

@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.settings = settings
     app.state.store = store
     app.state.backends = None
+    app.state.devices = {}  # owner -> (listed at, their IBM devices)
     for action, limiter in limiters(settings).items():
         setattr(app.state, f"{action}_limiter", limiter)
     registry, latency = new_registry()

@@ -183,12 +183,17 @@ class EstimateOut(BaseModel):
 
 
 class BackendOut(BaseModel):
+    """A backend; devices (fake and IBM) also carry their calibration's medians and their queue."""
+
     name: str
     kind: str
     qubits: int
     basis_gates: list[str]
     noise: bool | str
     max_shots: int | None
+    median_two_qubit_error: float | None = None
+    median_readout_error: float | None = None
+    pending_jobs: int | None = None
 
 
 class Health(BaseModel):

@@ -37,7 +37,8 @@ DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 FAST_LEASES = {"QAA_LEASE_SECONDS": "4", "QAA_HEARTBEAT_SECONDS": "1", "QAA_RESEND_AFTER_SECONDS": "2"}
 
 
-def _unavailable(message: str) -> None:
+def unavailable(message: str) -> None:
+    """Skip a test whose service is missing, or fail it under `CI=true`, where every service must be there."""
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message)
     pytest.skip(message)
@@ -70,7 +71,7 @@ def redis_url() -> str:
     try:
         client.flushdb()
     except redis.RedisError as exc:
-        _unavailable(f"Redis not reachable at {url}: {exc}")
+        unavailable(f"Redis not reachable at {url}: {exc}")
     finally:
         client.close()
     return url
@@ -92,7 +93,7 @@ def postgres_database() -> Iterator[str]:
             pass
     except OperationalError as exc:
         admin.dispose()
-        _unavailable(f"PostgreSQL not reachable at {make_url(base)!r}: {exc.orig}")
+        unavailable(f"PostgreSQL not reachable at {make_url(base)!r}: {exc.orig}")
     name = f"qaa_test_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')

@@ -224,7 +224,21 @@ def test_backends_list_simulators_and_fake_devices(api, auth_for):
     names = [b["name"] for b in got]
     assert names[:2] == ["exact", "aer"] and "fake:FakeManilaV2" in names
     manila = next(b for b in got if b["name"] == "fake:FakeManilaV2")
-    assert (manila["kind"], manila["qubits"], manila["noise"]) == ("fake", 5, True)
+    assert (manila["kind"], manila["qubits"], manila["noise"], manila["pending_jobs"]) == ("fake", 5, True, 0)
+    assert 1e-3 < manila["median_two_qubit_error"] < 0.1 and 1e-3 < manila["median_readout_error"] < 0.2
+
+
+def test_your_ibm_devices_are_listed_with_your_token_and_a_failed_listing_is_a_clear_problem(api, auth_for):
+    """No IBM service is reachable from here: the listing with a stored token fails as a 502/503 problem naming
+    IBM, never a 500 and never the token; an owner without a token gets the local backends."""
+    alice, bob = auth_for("alice"), auth_for("bob")
+    token = "tok-" + "x" * 40
+    assert api.put("/v1/credentials/ibm", json={"token": token}, headers=alice).status_code == 200
+    refused = api.get("/v1/backends", headers=alice)
+    assert refused.status_code in (502, 503) and "IBM Quantum" in refused.json()["detail"], refused.text
+    assert token not in refused.text and refused.headers["content-type"] == "application/problem+json"
+    local = api.get("/v1/backends", headers=bob)
+    assert local.status_code == 200 and {b["kind"] for b in local.json()} == {"simulator", "fake"}
 
 
 def test_readyz_is_503_naming_an_unreachable_store(api):

@@ -13,7 +13,7 @@ import yaml
 from circuits.backends import environment
 from service.api.cost import spec_cost
 from service.spec import parse_spec
-from workers.trainer import TrainingHooks, train
+from workers.trainer import JobError, TrainingHooks, train
 
 REPO = Path(__file__).resolve().parent.parent
 MANILA = yaml.safe_load((REPO / "examples" / "fake-manila.yaml").read_text())
@@ -98,3 +98,18 @@ def test_a_fake_job_that_splits_counts_what_the_estimate_said(tmp_path):
     assert sum(p["shots"] for p in points) == est.shots * 2 // 3
     assert sum(p["primitive_calls"] for p in points) == est.runtime_jobs * 2 // 3 == 4
     assert len(result.usage["runtime_job_ids"]) == 4 and result.usage["sessions_closed"] == 1
+    (circuit,) = result.usage["circuits_on_backend"]  # the job says which qubits it ran on, as the estimate did
+    assert circuit["physical_qubits"] == spec_cost_figures(spec)[0]["physical_qubits"]
+
+
+def spec_cost_figures(spec) -> list[dict]:
+    from circuits.hardware import report
+
+    return report(spec.qaa_config(), [3])
+
+
+def test_a_runtime_job_past_its_timeout_fails_the_job_with_that_cause(tmp_path):
+    environment.configure(cache_dir=tmp_path / "cache")
+    spec = parse_spec({**MANILA, "quantum": {**MANILA["quantum"], "job_timeout_s": 0.001}})
+    with pytest.raises(JobError, match=r"ran past quantum.job_timeout_s=0.001 s on fake:fake_manila"):
+        train(spec, tmp_path / "run", TrainingHooks(lambda points: None, lambda step: True))

@@ -36,6 +36,7 @@ from stack import (
     start_api,
     start_worker,
     truncate_store,
+    unavailable,
     wait_until,
 )
 from test_worker import adapter_tensors, metric_steps, submit, tiny_spec, wait_status
@@ -65,7 +66,7 @@ def quick_spec(**training) -> dict:
 def _local(url: str, what: str):
     parsed = urlparse(url.replace("postgresql+psycopg", "postgresql"))
     if parsed.hostname not in ("127.0.0.1", "localhost"):
-        pytest.skip(f"restarting {what} needs it on this machine, not {parsed.hostname}")
+        unavailable(f"restarting {what} needs it on this machine, not {parsed.hostname}")
     return parsed
 
 
@@ -75,7 +76,7 @@ def redis_stopped() -> Iterator[None]:
     parsed = _local(os.environ.get("QAA_TEST_REDIS_URL", DEFAULT_REDIS_URL), "Redis")
     port = str(parsed.port or 6379)
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed here")
+        unavailable("redis-server is not installed here")
     subprocess.run(["redis-cli", "-p", port, "shutdown", "nosave"], capture_output=True, timeout=30)
     try:
         yield
@@ -100,7 +101,7 @@ def redis_stopped() -> Iterator[None]:
 def _pg_cluster() -> list[str]:
     versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
     if not versions or shutil.which("pg_ctlcluster") is None:
-        pytest.skip("no local PostgreSQL cluster to restart (pg_ctlcluster)")
+        unavailable("no local PostgreSQL cluster to restart (pg_ctlcluster)")
     return ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main"]
 
 
@@ -393,3 +394,35 @@ def test_api_killed_during_submissions_leaves_whole_jobs_only(production):
             wait_status(services, job_id, "succeeded", "failed", timeout=JOB_TIMEOUT + 20 * len(stored))
     assert all(store.load_job(i).status == JobStatus.SUCCEEDED for i in stored)
     assert all(metric_steps(services, i) == [1] for i in stored)
+
+
+def test_a_worker_killed_during_a_circuit_step_leaves_no_session_open_after_resume(tmp_path):
+    """A fake-backend job (its steps are runtime jobs in one Batch): SIGKILL of its worker mid-run, then another
+    worker resumes it from its checkpoint. The resumed attempt opens one Batch and closes it; the runtime job ids
+    of the attempt before the checkpoint are kept; every step is recorded once. (Local testing mode keeps no
+    session on a server, so what it can show is that the run the worker owns is closed on its way out.)"""
+    services = Services.embedded(tmp_path)
+    spec = {
+        **tiny_spec(steps=8, checkpoint_every=2),
+        "method": {"kind": "qaa", "target_modules": ["q_proj"], "qubits": 3, "compress": "fixed", "layers": 1},
+        "quantum": {"backend": "fake:FakeManilaV2", "shots": 512, "input_grad": "none"},
+        "training": {"steps": 8, "batch_size": 1, "max_length": 8, "eval_every": 0, "checkpoint_every": 2},
+        "evaluation": {"metrics": ["bleu"], "samples": 1, "max_new_tokens": 2},
+    }
+    first = start_worker(services, name="first")
+    try:
+        job = submit(services, spec)
+        wait_until(lambda: max(metric_steps(services, job.id), default=0) >= 3, JOB_TIMEOUT, interval=0.02)
+        first.kill()  # during step 4's circuits (nearly all of a step is spent in them)
+    finally:
+        first.stop()
+    with start_worker(services, name="second"):
+        done = wait_status(services, job.id, "succeeded", "failed", timeout=JOB_TIMEOUT)
+    assert (done.status, done.attempts, done.error) == (JobStatus.SUCCEEDED, 2, None)
+    assert metric_steps(services, job.id) == list(range(1, 9))
+    usage = done.usage
+    assert (usage["sessions_opened"], usage["sessions_closed"]) == (1, 1)
+    # one runtime job per adapter and step: the first attempt's up to its last checkpoint, the second's after
+    # it (steps it redid count once), then evaluation's
+    assert usage["primitive_calls"] == 8 * 2
+    assert len(set(usage["runtime_job_ids"])) == len(usage["runtime_job_ids"]) == 16 + usage["eval_primitive_calls"]

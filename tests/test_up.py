@@ -186,3 +186,26 @@ def test_qaa_up_restarts_a_killed_worker_keeps_serving_and_leaves_no_orphans_whe
     up.popen.wait(timeout=10)
     wait_until(lambda: not alive(family), 15, what="the children to die with qaa up")
     up.kill()
+
+
+def test_the_supervisor_gives_up_on_a_child_that_keeps_dying_at_start(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from service.settings import Settings
+    from workers import stack as stack_module
+
+    monkeypatch.setattr(stack_module, "MAX_BACKOFF_S", 0.05)  # restart at once: the test is about the count
+    stack = stack_module.Stack(Settings(home=tmp_path / "home"), workers=1)
+    stack.env = dict(os.environ)
+    stack.api.args = [sys.executable, "-c", "import time; time.sleep(120)"]
+    stack.workers[0].args = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    for child in stack.children:
+        child.start(stack.env)
+    said: list[str] = []
+    deadline = time.monotonic() + 60
+    with pytest.raises(stack_module.StackError, match=r"worker-1 died 5 times within 15 s of starting \(last exit"):
+        while time.monotonic() < deadline:
+            stack.supervise(said.append)
+            time.sleep(0.05)
+    assert sum("restarting it in" in line for line in said) == 4 and not stack.api.alive  # everything stopped

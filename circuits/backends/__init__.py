@@ -108,18 +108,37 @@ def _local_backends() -> tuple[dict, ...]:
         },
     ]
     for name in fake_names():
-        conf = fake_backend(name).configuration()
-        rows.append(
-            {
-                "name": f"fake:{name}",
-                "kind": "fake",
-                "qubits": conf.n_qubits,
-                "basis_gates": sorted(conf.basis_gates),
-                "noise": True,
-                "max_shots": conf.max_shots,
-            }
-        )
+        rows.append(device_row(f"fake:{name}", "fake", fake_backend(name), pending_jobs=0))
     return tuple(rows)
+
+
+def device_row(name: str, kind: str, backend, pending_jobs: int | None) -> dict:
+    """A device as `list_backends` shows it, the same fields for fake and real ones: qubits, basis gates, shot
+    limit, the median 2-qubit and readout errors of its Target (its calibration), and the jobs waiting on it."""
+    from statistics import median
+
+    conf = backend.configuration()
+    target = backend.target
+    two_qubit, readout = [], []
+    for op in target.operation_names:
+        for qargs, props in (target[op] or {}).items():
+            if props is None or props.error is None or qargs is None:
+                continue
+            if op == "measure":
+                readout.append(props.error)
+            elif len(qargs) == 2:
+                two_qubit.append(props.error)
+    return {
+        "name": name,
+        "kind": kind,
+        "qubits": backend.num_qubits,
+        "basis_gates": sorted(conf.basis_gates),
+        "noise": True,
+        "max_shots": conf.max_shots,
+        "median_two_qubit_error": median(two_qubit) if two_qubit else None,
+        "median_readout_error": median(readout) if readout else None,
+        "pending_jobs": pending_jobs,
+    }
 
 
 def list_backends(hardware: bool = False) -> list[dict]:

@@ -67,17 +67,9 @@ def connect(name: str, env: BackendEnvironment):
 def list_devices(env: BackendEnvironment) -> list[dict]:
     """The hardware backends the configured account can use, as `list_backends` rows."""
 
+    from . import device_row
+
     def rows(service):
-        return [
-            {
-                "name": f"ibm:{b.name}",
-                "kind": "hardware",
-                "qubits": b.num_qubits,
-                "basis_gates": sorted(b.operation_names),
-                "noise": True,
-                "max_shots": b.configuration().max_shots,
-            }
-            for b in service.backends()
-        ]
+        return [device_row(f"ibm:{b.name}", "hardware", b, b.status().pending_jobs) for b in service.backends()]
 
     return _guarded(rows, env, "listing IBM backends")

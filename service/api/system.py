@@ -7,9 +7,11 @@ API process never imports (it stays small and starts fast). The answer is cached
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -40,7 +42,8 @@ from service.schemas import (
 router = APIRouter()
 
 BACKENDS_TIMEOUT_S = 120
-_LIST_BACKENDS = "import json; from circuits.backends import list_backends; print(json.dumps(list_backends()))"
+#: A caller's IBM devices (and their pending jobs) are listed again after this long.
+DEVICES_TTL_S = 60
 _backends_lock = threading.Lock()
 
 
@@ -81,22 +84,29 @@ def metrics(request: Request, store: StoreDep, settings: SettingsDep) -> Respons
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _list_backends() -> list[dict]:
-    done = subprocess.run(
-        [sys.executable, "-c", _LIST_BACKENDS], capture_output=True, text=True, timeout=BACKENDS_TIMEOUT_S
-    )
+def _list_backends(token: str | None = None, instance: str | None = None) -> list[dict]:
+    """`python -m circuits.backends` in a child process; with a token, the IBM devices it can use too."""
+    request = json.dumps({"ibm_token": token, "ibm_instance": instance} if token else {})
+    env = {k: v for k, v in os.environ.items() if k not in ("QAA_IBM_TOKEN", "QAA_SECRET_KEY")}
+    done = subprocess.run([sys.executable, "-m", "circuits.backends"], input=request, capture_output=True, text=True,
+                          timeout=BACKENDS_TIMEOUT_S, env=env)  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output")
-    return json.loads(done.stdout)
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    if isinstance(answer, dict):  # the IBM listing failed: 503 if unreachable, 502 if IBM refused
+        raise Problem(
+            503 if answer["unreachable"] else 502, f"listing your IBM Quantum devices failed: {answer['error']}"
+        )
+    return answer
 
 
 @router.get(
     "/v1/backends",
     tags=["system"],
-    responses=problem_responses(401, 503),
-    summary="Execution backends: simulators and fake IBM devices",
+    responses=problem_responses(401, 502, 503),
+    summary="Execution backends: simulators, fake IBM devices and the IBM devices your token can use",
 )
-def backends(request: Request, _owner: CurrentOwner) -> list[BackendOut]:
+def backends(request: Request, store: StoreDep, settings: SettingsDep, owner: CurrentOwner) -> list[BackendOut]:
     state = request.app.state
     with _backends_lock:
         if state.backends is None:
@@ -104,7 +114,20 @@ def backends(request: Request, _owner: CurrentOwner) -> list[BackendOut]:
                 state.backends = [BackendOut.model_validate(b) for b in _list_backends()]
             except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
                 raise Problem(503, f"listing backends failed: {exc}") from exc
-    return state.backends
+    try:
+        token, instance = ibm_credentials(store, owner, settings)
+    except Refused:  # no token of one's own and not allowed the workers': the local backends only
+        return state.backends
+    if not token:
+        return state.backends
+    cached = state.devices.get(owner)
+    if cached is None or time.monotonic() - cached[0] > DEVICES_TTL_S:
+        try:
+            rows = [row for row in _list_backends(token, instance) if row["kind"] == "hardware"]
+        except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+            raise Problem(503, f"listing your IBM Quantum devices failed: {exc}") from exc
+        cached = state.devices[owner] = (time.monotonic(), [BackendOut.model_validate(b) for b in rows])
+    return [*state.backends, *cached[1]]
 
 
 @router.post(
