@@ -72,3 +72,13 @@ def test_the_method_table_is_the_one_the_bench_wrote():
     assert f"({targets['qaa_minus_lora_bleu']:.2f})" in section
     assert f"({targets['qaa_over_lora_params']:.4f})" in section
     assert f"({targets['qaa_minus_lora_bertscore_f1']:+.3f})" in section
+
+
+def test_the_hardware_table_is_the_one_the_benchmark_wrote():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hardware_bench", REPO / "benchmarks" / "hardware.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = json.loads((REPO / "benchmarks" / "results" / "hardware.json").read_text())
+    assert bench.markdown(result) in README
