@@ -43,6 +43,17 @@ def test_the_estimate_prices_training_evaluation_and_the_device(api, auth_for):
     assert warm["warnings"] == []  # ESP 0.75 at n = 3 on Manila: fine
 
 
+def test_the_static_figures_answer_at_once_without_the_device(api, auth_for):
+    alice = auth_for("alice")
+    api.post("/v1/estimate?device_figures=false", json=MANILA, headers=alice)  # the app's first request
+    started = time.monotonic()
+    static = api.post("/v1/estimate?device_figures=false", json=MANILA, headers=alice).json()
+    assert time.monotonic() - started < 0.2
+    assert static["circuits_on_backend"] is None and static["runtime_jobs"] == 4
+    floor = (static["shots"] + static["evaluation"]["shots"]) * 250e-6
+    assert static["qpu_seconds"]["low"] == static["qpu_seconds"]["high"] > floor  # no durations without the device
+
+
 def test_a_noisy_circuit_warns_and_min_esp_and_max_qpu_seconds_refuse_it(api, auth_for):
     alice = auth_for("alice")
     deep = {**MANILA, "method": {**MANILA["method"], "qubits": 4, "layers": 3}}

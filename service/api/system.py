@@ -145,6 +145,9 @@ async def estimate(
     _rate: EstimateRateLimited,
     d_in: Annotated[int | None, Query(ge=1, le=1 << 20, description="Adapted modules' input width.")] = None,
     adapters: Annotated[int | None, Query(ge=1, le=100_000, description="How many modules are adapted.")] = None,
+    device_figures: Annotated[
+        bool, Query(description="fake:/ibm: also transpile for the device (seconds when cold); false: static only.")
+    ] = True,
 ) -> EstimateOut:
     spec = await read_spec(request)
     try:
@@ -163,6 +166,7 @@ async def estimate(
     figures, qpu, warnings = None, None, []
     if device:
         qpu = (combined(est, evaluation).qpu_seconds, None)
+    if device and device_figures:
         try:
             figures, qpu = await run_in_threadpool(_device_figures, spec, cost, store, owner, settings)
             warnings = hardware.warnings_for(figures)
