@@ -384,6 +384,11 @@ class TrainingOptions(_Strict):
     warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     weight_decay: float = Field(0.0, ge=0, le=1.0, allow_inf_nan=False)
     grad_clip: float | None = Field(1.0, gt=0, le=1e6, allow_inf_nan=False, description="None = no clipping.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where the model (and the exact engine) trains: `cuda` goes to the gpu queue and needs a GPU "
+        "worker; `auto` uses CUDA on a worker that has it.",
+    )
 
     @field_validator("warmup_steps")
     @classmethod
@@ -458,13 +463,11 @@ class JobSpec(_Strict):
 
     @property
     def queue(self) -> Queue:
-        """The Celery queue: `qpu` for IBM hardware, `gpu` for Aer on GPU, `cpu` otherwise."""
+        """The Celery queue: `qpu` for IBM hardware, `gpu` for training on CUDA or Aer on GPU, `cpu` otherwise."""
         q = self.quantum
-        if q is None:
-            return "cpu"
-        if q.backend.startswith("ibm:"):
+        if q is not None and q.backend.startswith("ibm:"):
             return "qpu"
-        if q.backend == "aer" and q.device == "GPU":
+        if self.training.device == "cuda" or (q is not None and q.backend == "aer" and q.device == "GPU"):
             return "gpu"
         return "cpu"
 

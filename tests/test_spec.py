@@ -288,6 +288,24 @@ def test_queue_routing(quantum: dict | None, method: dict, queue: str) -> None:
     assert parse_spec(data).queue == queue
 
 
+@pytest.mark.parametrize(
+    ("device", "quantum", "method", "queue"),
+    [
+        ("cuda", {"backend": "exact"}, {"kind": "qaa"}, "gpu"),  # the exact engine on the GPU worker
+        ("cuda", None, {"kind": "lora"}, "gpu"),
+        ("auto", {"backend": "exact"}, {"kind": "qaa"}, "cpu"),  # a CPU worker; CUDA if it has one
+        ("cpu", {"backend": "aer", "device": "GPU"}, {"kind": "qaa"}, "gpu"),  # Aer on the GPU needs its worker
+        ("cuda", {"backend": "ibm:ibm_torino"}, {"kind": "qaa"}, "qpu"),  # hardware jobs stay on their queue
+    ],
+)
+def test_training_device_routes_to_the_gpu_queue(device: str, quantum: dict | None, method: dict, queue: str):
+    data = {**BASE, "method": method, "training": {"device": device}}
+    if quantum is not None:
+        data["quantum"] = quantum
+    assert parse_spec(data).queue == queue
+    assert "cpu" in error_at({**BASE, "training": {"device": "tpu"}}, "training.device")
+
+
 def test_default_spec_gives_default_qaa_config() -> None:
     # The spec's defaults and QAAConfig's must agree: one adapter, whichever way it is described. Only the
     # budgets differ on purpose: the service refuses runaway jobs by default.

@@ -214,3 +214,12 @@ def test_schedule_and_data_order():
     assert sorted(epoch) == list(range(10)) and epoch != list(range(10))
     assert batch_indices(10, 4, seed=0, step=3) == epoch[8:10] + batch_indices(10, 2, seed=0, step=6)
     assert batch_indices(10, 2, seed=1, step=1) != batch_indices(10, 2, seed=0, step=1)
+
+
+def test_the_training_device_is_honoured_and_cuda_without_a_gpu_is_refused(tmp_path):
+    spec = job({"kind": "qaa", "layers": 1}, steps=2, device="cpu")
+    assert train(spec, tmp_path / "cpu", Recorder().hooks).status == "succeeded"
+    if torch.cuda.is_available():
+        pytest.skip("this worker has CUDA: the refusal needs a CPU-only worker")
+    with pytest.raises(JobError, match="training.device is 'cuda' but this worker has no CUDA device"):
+        train(job({"kind": "qaa", "layers": 1}, steps=2, device="cuda"), tmp_path / "cuda", Recorder().hooks)

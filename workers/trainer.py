@@ -80,6 +80,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def training_device(spec: JobSpec) -> torch.device:
+    """`training.device`: `auto` is CUDA where this worker has it; `cuda` on a worker without it is refused."""
+    asked = spec.training.device
+    if asked == "cuda" and not torch.cuda.is_available():
+        raise JobError("training.device is 'cuda' but this worker has no CUDA device; run a GPU worker (queue gpu)")
+    return default_device() if asked == "auto" else torch.device(asked)
+
+
 def train(
     spec: JobSpec,
     run_dir: Path,
@@ -91,7 +99,7 @@ def train(
 ) -> TrainingResult:
     """Train `spec` in `run_dir` (checkpoints/, artifacts/), resuming from the newest checkpoint there."""
     run_dir = Path(run_dir)
-    device = device or default_device()
+    device = device or training_device(spec)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with _deterministic():
