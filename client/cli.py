@@ -51,11 +51,11 @@ class MetricsFormat(StrEnum):
 
 UrlOpt = Annotated[
     str | None,
-    typer.Option("--url", help="Server URL [default: QAA_URL, the credentials file, http://127.0.0.1:8000]."),
+    typer.Option("--url", help="Server URL (default: QAA_URL, the credentials file, http://127.0.0.1:8000)."),
 ]
 KeyOpt = Annotated[
     str | None,
-    typer.Option("--api-key", help="API key [default: QAA_API_KEY, then $QAA_HOME/credentials].", show_default=False),
+    typer.Option("--api-key", help="API key (default: QAA_API_KEY, then $QAA_HOME/credentials).", show_default=False),
 ]
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="text for people, json for scripts.")]
 SetOpt = Annotated[
@@ -232,7 +232,7 @@ def cancel(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None, output: Outp
 def metrics(
     job_id: str,
     format_: Annotated[
-        MetricsFormat | None, typer.Option("--format", help="table, csv or json [default: table; json with -o json].")
+        MetricsFormat | None, typer.Option("--format", help="table, csv or json (default: table; json with -o json).")
     ] = None,
     url: UrlOpt = None,
     api_key: KeyOpt = None,
@@ -255,7 +255,7 @@ def metrics(
 @app.command()
 def download(
     job_id: str,
-    dest: Annotated[Path | None, typer.Option("--dest", help="Folder to write into [default: ./JOB_ID].")] = None,
+    dest: Annotated[Path | None, typer.Option("--dest", help="Folder to write into (default: ./JOB_ID).")] = None,
     url: UrlOpt = None,
     api_key: KeyOpt = None,
     output: OutputOpt = Output.text,

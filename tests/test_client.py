@@ -250,3 +250,17 @@ def test_importing_the_client_loads_nothing_of_the_server_side():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert done.stdout.strip() == ""
+
+
+def test_help_texts_keep_their_defaults():
+    """Square brackets in a help text are Rich markup to typer: the defaults used to vanish ("Server URL .")."""
+    from typer.testing import CliRunner
+
+    from client.cli import app
+
+    submit = CliRunner().invoke(app, ["submit", "--help"], env={"COLUMNS": "200"})
+    assert submit.exit_code == 0 and "QAA_URL, the credentials file" in submit.output
+    assert "default: QAA_API_KEY" in submit.output
+    metrics = CliRunner().invoke(app, ["metrics", "--help"], env={"COLUMNS": "200"})
+    download = CliRunner().invoke(app, ["download", "--help"], env={"COLUMNS": "200"})
+    assert "default: table; json with -o json" in metrics.output and "default: ./JOB_ID" in download.output
