@@ -44,12 +44,91 @@ EXECUTION_FIELDS = (
     "spsa_samples",
     "ibm_mode",
     "primitive_options",
+    "mitigation",
     "job_timeout_s",
     "max_circuits",
     "max_shots",
     "max_qpu_seconds",
     "min_esp",
 )
+
+
+Extrapolator = Literal["exponential", "linear", "double_exponential", "polynomial_degree_2", "fallback"]
+
+
+class ZNE(BaseModel):
+    """Zero-noise extrapolation by 2-qubit gate folding (qiskit-ibm-runtime's client-side Estimator): every circuit
+    runs once per noise factor, and the expectations are extrapolated to zero noise."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    noise_factors: list[float] = Field(
+        default_factory=lambda: [1.0, 3.0, 5.0],
+        min_length=2,
+        max_length=8,
+        description="Noise amplification factors (each >= 1, at least two); each one multiplies circuits and shots.",
+    )
+    extrapolator: Extrapolator | list[Extrapolator] = Field(
+        default_factory=lambda: ["exponential", "linear"],
+        description="Fit(s) to zero noise, tried in order (the runtime's ZneOptions.extrapolator).",
+    )
+
+    @field_validator("noise_factors")
+    @classmethod
+    def _factors_amplify(cls, v: list[float]) -> list[float]:
+        if any(not (1 <= f <= 9) for f in v) or len(set(v)) != len(v):
+            raise ValueError(f"noise_factors are distinct values between 1 and 9, got {v}")
+        return v
+
+
+class Mitigation(BaseModel):
+    """Error mitigation on `fake:` and `ibm:` backends, by the field's implementations.
+
+    `readout: m3` corrects each circuit's counts with mthree (calibrated once per run and qubit set) and keeps the
+    Sampler; `readout: trex`, `twirling` and `zne` run the circuits through qiskit-ibm-runtime's executor-based
+    Estimator, which twirls, folds and post-processes on the client, so the same lines act on a fake backend
+    locally and on a device. M3 and the Estimator's options do not combine (M3 corrects counts the Estimator
+    never returns): pair `zne` with `readout: trex`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    readout: Literal["none", "m3", "trex"] = Field(
+        "none", description="Readout-error mitigation: none, m3 (mthree on the counts) or trex (twirled readout)."
+    )
+    twirling: bool = Field(False, description="Pauli-twirl the 2-qubit gates (each randomization is a circuit).")
+    randomizations: Literal["auto"] | int = Field(
+        "auto",
+        description="Twirling randomizations per parameter set; auto = the runtime's rule (shots / max(64, shots/32)).",
+    )
+    zne: ZNE | None = Field(None, description="Zero-noise extrapolation; null for none.")
+    calibration_shots: int = Field(
+        4096, ge=64, le=100_000, description="m3: shots of the readout calibration (balanced, once per qubit set)."
+    )
+
+    @field_validator("randomizations")
+    @classmethod
+    def _randomizations_bounded(cls, v: Literal["auto"] | int) -> Literal["auto"] | int:
+        if v != "auto" and not 1 <= v <= 1024:
+            raise ValueError(f"randomizations must be 'auto' or between 1 and 1024, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_primitive(self) -> Mitigation:
+        if self.readout == "m3" and self.zne is not None:
+            raise ValueError(
+                "readout m3 corrects a Sampler's counts and zne runs in the Estimator: use readout trex with zne"
+            )
+        return self
+
+    @property
+    def estimator(self) -> bool:
+        """Whether circuits run through the executor-based Estimator (else the Sampler)."""
+        return self.readout == "trex" or self.zne is not None or (self.twirling and self.readout != "m3")
+
+    @property
+    def active(self) -> bool:
+        return self.readout != "none" or self.twirling or self.zne is not None
 
 
 class QAAConfig(BaseModel):
@@ -105,6 +184,7 @@ class QAAConfig(BaseModel):
         description="Passed through to the runtime Sampler options on `fake:`/`ibm:` (dynamical decoupling, "
         "twirling, ...), e.g. {'twirling': {'enable_gates': True}}.",
     )
+    mitigation: Mitigation | None = Field(None, description="fake:/ibm: error mitigation (see `Mitigation`).")
     job_timeout_s: float | None = Field(
         3600, gt=0, description="fake:/ibm: a runtime job still running after this long is cancelled."
     )
@@ -140,6 +220,12 @@ class QAAConfig(BaseModel):
                 f"embedding 'direct' sets an ideal state and exists only on simulators (exact, aer); "
                 f"backend {self.backend!r} needs embedding 'gates'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _mitigation_needs_device(self) -> QAAConfig:
+        if self.mitigation is not None and self.mitigation.active and not self.backend.startswith(("fake:", "ibm:")):
+            raise ValueError(f"mitigation applies to fake: and ibm: backends only, not {self.backend!r}")
         return self
 
     def effective_shots(self) -> int | None:

@@ -42,6 +42,65 @@ class Estimate:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Overhead:
+    """What mitigation adds on a device backend (`config.mitigation`): each parameter set runs as
+    `circuits_per_row` circuits (twirling randomizations x ZNE noise factors) taking `shots_per_row` shots in all;
+    each runtime job adds TREX's calibration circuits (`per_call`), each run M3's, once per qubit set
+    (`per_run`). Without mitigation: one circuit of `shots` shots per parameter set, nothing else."""
+
+    circuits_per_row: int
+    shots_per_row: int
+    circuits_per_call: int = 0
+    shots_per_call: int = 0
+    circuits_per_run: int = 0
+    shots_per_run: int = 0
+    jobs_per_run: int = 0
+
+
+def twirl_shape(shots: int, randomizations: int | str) -> tuple[int, int]:
+    """(randomizations, shots per randomization) by qiskit-ibm-runtime's rule (`calculate_twirling_shots`): with
+    `auto`, max(64, ceil(shots / 32)) shots each."""
+    if randomizations == "auto":
+        per = max(64, -(-shots // 32))
+        return -(-shots // per), per
+    return int(randomizations), -(-shots // int(randomizations))
+
+
+def per_row(config: QAAConfig) -> tuple[int, int]:
+    """(circuits, shots) one parameter set takes on its backend: 1 and `shots` without mitigation; twirling
+    runs each randomization as a circuit, ZNE each noise factor."""
+    shots = config.effective_shots() or 0
+    m = config.mitigation
+    if m is None or not m.active:
+        return 1, shots
+    circuits, total = 1, shots
+    if m.twirling or m.readout == "trex":
+        circuits, per = twirl_shape(shots, m.randomizations)
+        total = circuits * per
+    if m.zne is not None:
+        circuits, total = circuits * len(m.zne.noise_factors), total * len(m.zne.noise_factors)
+    return circuits, total
+
+
+def overhead(config: QAAConfig, n: int) -> Overhead:
+    """Per-row and per-job costs of the mitigation in `config` on an n-qubit adapter (see `Overhead`)."""
+    circuits, shots = per_row(config)
+    m = config.mitigation
+    extra = {}
+    if m is not None and m.readout == "trex":  # one measurement-noise calibration item in every Estimator job
+        count, per = twirl_shape(config.effective_shots() or 0, m.randomizations)
+        extra.update(circuits_per_call=count, shots_per_call=count * per)
+    if m is not None and m.readout == "m3":  # mthree's balanced calibration: 2^bit_length(n) circuits, 2 x shots
+        count = 2 ** n.bit_length()
+        extra.update(
+            circuits_per_run=count,
+            shots_per_run=count * -(-2 * m.calibration_shots // count),
+            jobs_per_run=1,
+        )
+    return Overhead(circuits, shots, **extra)
+
+
 def circuits_per_input(config: QAAConfig, n: int) -> int:
     """Circuits one input vector costs in a training step (forward + gradient)."""
     p = config.num_params(n)
@@ -67,9 +126,11 @@ def estimate(config: QAAConfig, tokens_per_step: int, steps: int, d_in: int, ada
     device = config.backend.startswith(("fake:", "ibm:"))
     n = config.num_qubits(d_in)
     rows = tokens_per_step * circuits_per_input(config, n)  # one adapter's parameter sets in one step
-    per_step = adapters * rows
+    cost = overhead(config, n)
+    calls = -(-rows // max_bindings(cost.shots_per_row)) if device else 1
+    per_step = adapters * (rows * cost.circuits_per_row + calls * cost.circuits_per_call)
+    shots_per_step = adapters * (rows * cost.shots_per_row + calls * cost.shots_per_call)
     shots = config.effective_shots() or 0
-    calls = -(-rows // max(1, MAX_EXECUTIONS_PER_JOB // shots)) if device else 1
     notes = []
     if config.readout == "probs" and shots:
         notes.append(f"probs reads {2**n} probabilities per circuit: {shots} shots give about 1/sqrt(shots) each")
@@ -77,15 +138,24 @@ def estimate(config: QAAConfig, tokens_per_step: int, steps: int, d_in: int, ada
         notes.append("embedding direct sets the ideal state: the preparation's noise is not simulated")
     if config.gradient == "spsa":
         notes.append("spsa: gradient estimates, not exact gradients")
+    if config.mitigation is not None and config.mitigation.zne is not None:
+        notes.append("zne: folded circuits run longer than the circuit figures show")
+    jobs = adapters * steps * calls + cost.jobs_per_run
+    total_shots = shots_per_step * steps + cost.shots_per_run
     return Estimate(
         circuits_per_step=per_step,
-        circuits=per_step * steps,
-        shots=per_step * steps * shots,
+        circuits=per_step * steps + cost.circuits_per_run,
+        shots=total_shots,
         primitive_calls=adapters * steps * calls,
         note="; ".join(notes),
-        qpu_seconds=qpu_floor(per_step * steps * shots, adapters * steps * calls) if device else 0.0,
-        runtime_jobs=adapters * steps * calls if device else 0,
+        qpu_seconds=qpu_floor(total_shots, jobs) if device else 0.0,
+        runtime_jobs=jobs if device else 0,
     )
+
+
+def max_bindings(shots_per_row: int) -> int:
+    """Parameter sets per runtime job: IBM's 10^7 executions, each set costing `shots_per_row` of them."""
+    return max(1, MAX_EXECUTIONS_PER_JOB // max(1, shots_per_row))
 
 
 def qpu_floor(executions: int, runtime_jobs: int) -> float:
@@ -128,20 +198,26 @@ def forward_estimate(config: QAAConfig, widths: Widths, calls: list[int]) -> Est
     if config.backend == "exact":
         return Estimate(0, 0, 0, 0, "the exact engine runs no circuits")
     device = config.backend.startswith(("fake:", "ibm:"))
-    shots = config.effective_shots() or 0
-    limit = max(1, MAX_EXECUTIONS_PER_JOB // shots) if device else None
-    adapters = sum(widths.values())
-    tokens = sum(calls)
-    primitive = adapters * sum(-(-c // limit) if limit else 1 for c in calls if c)
-    return Estimate(
-        circuits_per_step=0,
-        circuits=adapters * tokens,
-        shots=adapters * tokens * shots,
-        primitive_calls=primitive,
-        note="",
-        qpu_seconds=qpu_floor(adapters * tokens * shots, primitive) if device else 0.0,
-        runtime_jobs=primitive if device else 0,
-    )
+    parts = []
+    for (d_in, _), adapters in sorted(widths.items()):
+        cost = overhead(config, config.num_qubits(d_in))
+        limit = max_bindings(cost.shots_per_row) if device else None
+        primitive = adapters * sum(-(-c // limit) if limit else 1 for c in calls if c)
+        tokens = adapters * sum(calls)
+        shots = tokens * cost.shots_per_row + primitive * cost.shots_per_call + cost.shots_per_run
+        jobs = primitive + cost.jobs_per_run
+        parts.append(
+            Estimate(
+                circuits_per_step=0,
+                circuits=tokens * cost.circuits_per_row + primitive * cost.circuits_per_call + cost.circuits_per_run,
+                shots=shots,
+                primitive_calls=primitive,
+                note="",
+                qpu_seconds=qpu_floor(shots, jobs) if device else 0.0,
+                runtime_jobs=jobs if device else 0,
+            )
+        )
+    return combined(*parts)
 
 
 def engine_state_bytes(config: QAAConfig, tokens_per_step: int, widths: Widths) -> int:

@@ -98,7 +98,8 @@ class Execution:
             counters = getattr(engine, "usage", None)
             if isinstance(counters, Usage):
                 total = total + counters
-        return total
+        extra = getattr(self.runner, "extra_usage", None)  # mitigation's calibrations belong to the run
+        return total + extra if isinstance(extra, Usage) else total
 
     @property
     def runtime_job_ids(self) -> list[str]:

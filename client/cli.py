@@ -21,7 +21,7 @@ from rich.table import Table
 from client import compare as comparing
 from client import config, render
 from client.api import ApiClient, ApiError, AuthRefused, Unreachable
-from client.spec_file import SpecFileError, apply_overrides, load_spec, local_dataset
+from client.spec_file import SpecFileError, apply_overrides, evaluate_spec, load_spec, local_dataset
 from client.watch import follow, watch_live
 
 EXIT_JOB_FAILED = 1
@@ -152,6 +152,47 @@ def submit(
         if not watch:
             show(output, job, job["id"])
             note(output, f"job {job['id']} queued on {job['queue']}; follow it with: qaa-client watch {job['id']}")
+            return
+        if output is Output.text:
+            render.console().print(job["id"])
+        job = _watch(api, job["id"], interval, output)
+    exit_for(job)
+
+
+@app.command()
+def evaluate(
+    job_id: Annotated[str, typer.Argument(help="A succeeded QAA job whose adapter to evaluate.", show_default=False)],
+    backend: Annotated[str, typer.Option("--backend", help="Where to run it: fake:<Name>, ibm:<name>, aer.")],
+    mitigation: Annotated[
+        list[str] | None, typer.Option("--mitigation", help="m3, trex, twirling or zne (repeatable).")
+    ] = None,
+    shots: Annotated[
+        int | None, typer.Option("--shots", min=1, help="Shots per circuit (default: the backend's).")
+    ] = None,
+    samples: Annotated[int | None, typer.Option("--samples", min=1, help="Test examples (default: the job's).")] = None,
+    set_: SetOpt = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Follow the evaluation to its end.")] = False,
+    interval: IntervalOpt = 1.0,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Run a trained adapter on another backend beside the exact engine and report the hardware gap (a job of
+    kind evaluate: priced and budgeted like training, inference only)."""
+    with connected(url, api_key, output) as api:
+        trained = api.get_job(job_id)
+        try:
+            spec = evaluate_spec(trained["spec"], job_id, backend, shots=shots, mitigation=mitigation or [],
+                                 samples=samples)  # fmt: skip
+            spec = apply_overrides(spec, set_ or [])
+        except SpecFileError as exc:
+            fail(EXIT_USAGE, str(exc), output)
+        job = api.submit_job(spec)
+        if not watch:
+            show(output, job, job["id"])
+            note(
+                output, f"evaluation {job['id']} queued on {job['queue']}; follow it with: qaa-client watch {job['id']}"
+            )
             return
         if output is Output.text:
             render.console().print(job["id"])

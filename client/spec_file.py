@@ -93,3 +93,41 @@ def local_dataset(spec: SpecDoc, spec_path: Path | None) -> Path | None:
     path = Path(ref).expanduser()
     candidates = [path] if path.is_absolute() else [path] + ([spec_path.parent / path] if spec_path else [])
     return next((p for p in candidates if p.is_file()), None)
+
+
+#: `qaa-client evaluate --mitigation` words and the spec's `quantum.mitigation` fields they set.
+MITIGATION_FLAGS = {
+    "m3": {"readout": "m3"},
+    "trex": {"readout": "trex"},
+    "twirling": {"twirling": True},
+    "zne": {"zne": {}},
+}
+
+
+def evaluate_spec(trained: SpecDoc, job_id: str, backend: str, *, shots: int | None, mitigation: list[str],
+                  samples: int | None) -> SpecDoc:  # fmt: skip
+    """The `kind: evaluate` spec of a trained job's adapter on `backend`: the trained job's model, dataset, method
+    and training block (its max_length and batch size shape the inputs), a new quantum block."""
+    quantum: SpecDoc = {"backend": backend}
+    if shots is not None:
+        quantum["shots"] = shots
+    chosen: SpecDoc = {}
+    for word in mitigation:
+        if word not in MITIGATION_FLAGS:
+            raise SpecFileError(f"--mitigation takes {', '.join(MITIGATION_FLAGS)}; got {word!r}")
+        chosen |= MITIGATION_FLAGS[word]
+    if chosen:
+        quantum["mitigation"] = chosen
+    evaluation = dict(trained.get("evaluation") or {})
+    if samples is not None:
+        evaluation["samples"] = samples
+    spec = {key: trained[key] for key in ("model", "dataset", "method", "training") if key in trained}
+    name = trained.get("name")
+    return {
+        **spec,
+        **({"name": f"{name} on {backend}"[:200]} if name else {}),
+        "kind": "evaluate",
+        "adapter_from": job_id,
+        "quantum": quantum,
+        "evaluation": evaluation,
+    }

@@ -100,6 +100,46 @@ def check_references(spec: JobSpec, store: Store, owner: str, settings: Settings
     return model, dataset
 
 
+#: The files of a saved QAA adapter among a job's artifacts (`circuits.save_qaa`).
+ADAPTER_FILES = ("artifacts/adapter_config.json", "artifacts/adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class SourceAdapter:
+    """The saved adapter a job loads (`adapter_from`, `init_from`): its files and the digests recorded for them."""
+
+    job_id: str
+    files: dict[str, tuple[str, str]]  # artifact name -> (path, sha256)
+
+
+def check_source(spec: JobSpec, store: Store, owner: str) -> SourceAdapter | None:
+    """The adapter `spec` loads, if any: a succeeded QAA job of the same owner, for the same model and method
+    block, whose adapter files are still there; `Refused` (422 on the field) otherwise."""
+    source = spec.source_job
+    if source is None:
+        return None
+    field = "adapter_from" if spec.adapter_from else "init_from"
+    job = store.get_job(source, owner)
+    if job is None:
+        raise Refused(422, field, f"no job {source!r}")
+    if job.status != "succeeded":
+        raise Refused(422, field, f"job {source} is {job.status}; only a succeeded job's adapter can be loaded")
+    trained = JobSpec.model_validate(job.spec)
+    if trained.method != spec.method:
+        raise Refused(
+            422,
+            "method",
+            f"job {source} trained its adapter with method {trained.method.model_dump(exclude_defaults=True)}; "
+            "use the same method block (qaa-client evaluate copies it)",
+        )
+    if trained.model != spec.model:
+        raise Refused(422, "model", f"job {source} adapted {trained.model!r}, not {spec.model!r}")
+    artifacts = {a.name: (a.path, a.sha256) for a in store.list_artifacts(source)}
+    if any(name not in artifacts for name in ADAPTER_FILES):
+        raise Refused(422, field, f"job {source} has no saved adapter any more (its artifacts were deleted)")
+    return SourceAdapter(source, {name: artifacts[name] for name in ADAPTER_FILES})
+
+
 def check_active_jobs(store: Store, owner: str, settings: Settings) -> None:
     active = store.count_active_jobs(owner)
     if active >= settings.max_active_jobs_per_owner:
@@ -180,6 +220,7 @@ def admit(store: Store, owner: str, spec: JobSpec, settings: Settings) -> Spend 
     """The API's admission of a new job: every rule above, in order; returns the spend to record with the job
     (None for a model the API cannot price: its worker prices it from the loaded model and checks it then)."""
     check_references(spec, store, owner, settings)
+    check_source(spec, store, owner)
     check_active_jobs(store, owner, settings)
     try:
         cost = spec_cost(spec)

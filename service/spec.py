@@ -36,6 +36,7 @@ from circuits.config import (
     Compress,
     Entangler,
     Gradient,
+    Mitigation,
     QAAConfig,
     Readout,
     check_target_modules,
@@ -289,6 +290,10 @@ class QuantumOptions(_Strict):
     primitive_options: PrimitiveOptions | None = Field(
         None, description="fake:/ibm: only; runtime Sampler options (twirling, dynamical decoupling, execution)."
     )
+    mitigation: Mitigation | None = Field(
+        None,
+        description="fake:/ibm: only; error mitigation: readout (m3 | trex), twirling, zne, priced in the estimate.",
+    )
     device: Literal["CPU", "GPU"] | None = Field(None, description="Aer only; CPU when unset.")
     method: AerMethod | None = Field(None, description="Aer only; chosen by cost when unset.")
     noise: str | None = Field(None, description="Aer only: a fake IBM backend whose noise model Aer applies.")
@@ -344,7 +349,18 @@ class QuantumOptions(_Strict):
             raise ValueError(f"primitive_options apply to fake: and ibm: backends only, not {backend!r}")
         return v
 
-    @field_validator("max_qpu_seconds", "min_esp", "job_timeout_s")
+    @field_validator("mitigation")
+    @classmethod
+    def _mitigation_alone(cls, v: Mitigation | None, info: ValidationInfo) -> Mitigation | None:
+        options = info.data.get("primitive_options")
+        if v is not None and (v.twirling or v.estimator) and options is not None and options.twirling is not None:
+            raise ValueError(
+                "this mitigation sets the twirling options itself: set twirling in quantum.mitigation, "
+                "not both there and in primitive_options.twirling"
+            )
+        return v
+
+    @field_validator("max_qpu_seconds", "min_esp", "job_timeout_s", "mitigation")
     @classmethod
     def _device_only(cls, v: Any, info: ValidationInfo) -> Any:
         backend = info.data.get("backend")
@@ -415,10 +431,21 @@ class EvaluationOptions(_Strict):
 # --- the job -----------------------------------------------------------------------------------------------
 
 
+JOB_ID = r"^job_[0-9a-f]{8,64}$"
+
+
 class JobSpec(_Strict):
-    """A training job as submitted: the single source of truth for what a worker runs."""
+    """A job as submitted: the single source of truth for what a worker runs.
+
+    `kind: train` (the default) fine-tunes, from scratch or from a succeeded job's QAA adapter (`init_from`).
+    `kind: evaluate` trains nothing: it loads a succeeded job's QAA adapter (`adapter_from`), runs `evaluation.
+    samples` test examples through it on the exact engine and on `quantum.backend` (with its mitigation) and
+    reports the hardware gap. Its `model`, `dataset` and `method` are the source job's (`qaa-client evaluate`
+    copies them).
+    """
 
     name: str | None = Field(None, max_length=MAX_NAME_LENGTH, description="Optional label.")
+    kind: Literal["train", "evaluate"] = Field("train", description="train, or evaluate a trained adapter.")
     model: str = Field(
         description="builtin:<name>, a Hugging Face id the server offers, or a path inside a folder it allows.",
         json_schema_extra={"pattern": r"^(builtin:[a-z0-9][a-z0-9._-]*|[A-Za-z0-9][A-Za-z0-9._/-]*|/.+)$"},
@@ -431,6 +458,18 @@ class JobSpec(_Strict):
     quantum: QuantumOptions | None = Field(None, validate_default=True, description="Only for kind qaa.")
     training: TrainingOptions = Field(default_factory=TrainingOptions)
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
+    adapter_from: str | None = Field(
+        None,
+        pattern=JOB_ID,
+        validate_default=True,
+        description="kind evaluate: the succeeded QAA job whose adapter is evaluated.",
+    )
+    init_from: str | None = Field(
+        None,
+        pattern=JOB_ID,
+        description="kind train, QAA: start from this succeeded job's adapter (e.g. trained on exact, then "
+        "fine-tuned a few steps on a noisy backend).",
+    )
 
     @field_validator("model")
     @classmethod
@@ -461,6 +500,28 @@ class JobSpec(_Strict):
             return None
         return v if v is not None else QuantumOptions()
 
+    @field_validator("adapter_from")
+    @classmethod
+    def _evaluate_loads_an_adapter(cls, v: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("kind")
+        if kind == "evaluate" and v is None:
+            raise ValueError("kind evaluate needs adapter_from: the id of a succeeded QAA job")
+        if kind == "train" and v is not None:
+            raise ValueError("adapter_from applies to kind evaluate; to start training from a job, use init_from")
+        return _loads_qaa(v, info)
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from_trains(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("kind") == "evaluate":
+            raise ValueError("init_from applies to kind train; kind evaluate loads adapter_from")
+        return _loads_qaa(v, info)
+
+    @property
+    def source_job(self) -> str | None:
+        """The job whose adapter this one loads (`adapter_from` or `init_from`)."""
+        return self.adapter_from or self.init_from
+
     @property
     def queue(self) -> Queue:
         """The Celery queue: `qpu` for IBM hardware, `gpu` for training on CUDA or Aer on GPU, `cpu` otherwise."""
@@ -476,6 +537,13 @@ class JobSpec(_Strict):
         if not isinstance(self.method, QAAMethod) or self.quantum is None:
             raise ValueError(f"method.kind {self.method.kind!r} has no QAA config")
         return to_qaa_config(self.method, self.quantum, seed=self.training.seed)
+
+
+def _loads_qaa(v: str | None, info: ValidationInfo) -> str | None:
+    method = info.data.get("method")
+    if v is not None and method is not None and method.kind != "qaa":
+        raise ValueError(f"{info.field_name} loads a QAA adapter; method.kind is {method.kind!r}")
+    return v
 
 
 def to_qaa_config(method: QAAMethod, quantum: QuantumOptions, *, seed: int = 0) -> QAAConfig:
@@ -494,6 +562,7 @@ def to_qaa_config(method: QAAMethod, quantum: QuantumOptions, *, seed: int = 0) 
                 quantum.primitive_options and quantum.primitive_options.model_dump(exclude_unset=True),
             ),
             ("job_timeout_s", quantum.job_timeout_s),
+            ("mitigation", quantum.mitigation),
         )
         if value is not None
     }

@@ -320,3 +320,28 @@ def test_cancelling_a_running_job_ends_the_watch_with_exit_1(live, worker):
     job = live.http.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "cancelled" and job["progress"]["step"] < 5000
     assert f"job {job_id} cancelled" in result.stderr
+
+
+@needs_trainer
+@pytest.mark.slow
+def test_evaluate_a_trained_adapter_on_a_fake_device_then_fine_tune_from_it(live, worker):
+    small = ("--set", "method.qubits=3", "--set", "method.compress=fixed", "--set", "evaluation.max_new_tokens=2")
+    trained = run_to_end(live, TINY, *small)
+    assert trained["status"] == "succeeded", trained["error"]
+    result = live.cli(
+        "evaluate", trained["id"], "--backend", "fake:FakeManilaV2", "--mitigation", "m3", "--shots", "512",
+        "--samples", "1", "--watch", "--interval", "0.3", "--output", "json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    job = json.loads(result.stdout)
+    assert job["status"] == "succeeded", job["error"]
+    assert (job["spec"]["kind"], job["spec"]["adapter_from"]) == ("evaluate", trained["id"])
+    report = job["evaluation"]
+    assert report["backend"] == "fake:FakeManilaV2" and report["mitigation"]["readout"] == "m3"
+    assert 0 < report["gap"]["readout_mean_abs"] <= report["gap"]["readout_max_abs"]
+    assert report["exact"]["eval_loss"] > 0 and job["usage"]["circuits"] > 0 and job["usage"]["runtime_job_ids"]
+    # a second job starts training from the same adapter; another owner's or an unfinished job is refused
+    tuned = run_to_end(live, TINY, *small, "--set", f"init_from={trained['id']}", "--set", "training.steps=1")
+    assert tuned["status"] == "succeeded", tuned["error"]
+    refused = live.cli("submit", TINY, "--set", "init_from=job_" + "0" * 24)
+    assert refused.exit_code == 2 and "init_from: no job" in refused.stderr

@@ -327,6 +327,35 @@ def test_jobs_list_and_job_page_render_without_csp_violations(live_api, browser)
     assert errors == []
 
 
+def test_an_evaluate_job_shows_its_hardware_gap_beside_the_exact_engine(live_api, browser):
+    url, store = live_api
+    _, key = store.create_api_key("alice")
+    source = "job_" + "c" * 24
+    spec = {**SPEC, "kind": "evaluate", "adapter_from": source, "quantum": {"backend": "fake:FakeManilaV2"}}
+    job = store.create_job("alice", parse_spec(spec))
+    store.claim_job(job.id, "w1")
+    report = {
+        "adapter_from": source, "backend": "fake:FakeManilaV2", "shots": 4096, "mitigation": {"readout": "m3"},
+        "examples": 8, "exact": {"eval_loss": 1.25, "bleu": 30.5}, "on_backend": {"eval_loss": 1.5, "bleu": 27.25},
+        "gap": {"readout_mean_abs": 0.0625, "readout_max_abs": 0.5, "eval_loss": 0.25, "bleu": -3.25},
+    }  # fmt: skip
+    store.finish_job(job.id, "w1", "succeeded", step=0, evaluation=report)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.add_init_script(CSP_LISTENER)
+    store_key(page, url, key)
+    page.goto(f"{url}/#/jobs/{job.id}")
+    page.wait_for_selector("#hardware-gap table")
+    card = page.text_content("#hardware-gap")  # the heading is upper-cased by CSS, not in the text
+    assert "Hardware gap: fake:FakeManilaV2" in card and source in card and "mean 0.0625" in card and "max 0.5" in card
+    cells = page.eval_on_selector_all(
+        "#hardware-gap tbody tr",
+        "rows => Object.fromEntries(rows.map((r) => [r.dataset.metric, [...r.querySelectorAll('td')]"
+        ".map((c) => c.textContent)]))",
+    )
+    assert cells == {"eval_loss": ["1.25", "1.5", "+0.25"], "bleu": ["30.5", "27.25", "-3.25"]}
+    assert csp_violations(page) == []
+
+
 def test_the_dashboard_is_served_with_a_content_security_policy(live_api):
     url, _ = live_api
     for path in ("/", "/dashboard/app.js", "/dashboard/chart.js", "/dashboard/style.css"):

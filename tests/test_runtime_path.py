@@ -15,7 +15,8 @@ import circuits
 from circuits import QAAConfig
 from circuits.backends import environment, make_runner
 from circuits.backends.fake import fake_backend
-from circuits.backends.runtime import MAX_EXECUTIONS_PER_JOB, RuntimeRunner
+from circuits.backends.runtime import RuntimeRunner
+from circuits.cost_estimate import MAX_EXECUTIONS_PER_JOB
 from circuits.execution import ExecutionCancelled, RuntimeJobFailed, RuntimeJobTimeout
 
 D_IN = 8  # 3 qubits

@@ -373,9 +373,11 @@ def test_qaa_config_carries_every_option() -> None:
             "max_qpu_seconds": 120,
             "min_esp": 0.2,
             "job_timeout_s": 600,
+            "mitigation": {"readout": "m3", "calibration_shots": 2000},
         }
     ).qaa_config()
     assert (ibm.max_qpu_seconds, ibm.min_esp, ibm.job_timeout_s) == (120, 0.2, 600)
+    assert (ibm.mitigation.readout, ibm.mitigation.calibration_shots) == ("m3", 2000)
     assert (ibm.ibm_mode, ibm.primitive_options) == ("session", {"twirling": {"enable_gates": True}})
     assert (ibm.max_circuits, ibm.max_shots, ibm.gradient) == (5000, 10**6, "parameter-shift")
     # Every QAAConfig field can be set from a spec: a field added to QAAConfig fails here until the

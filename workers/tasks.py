@@ -39,6 +39,7 @@ from service.admission import (
     check_daily,
     check_device,
     check_references,
+    check_source,
     check_spend,
     per_width_executions,
     spend_of,
@@ -355,6 +356,7 @@ def _train(
     owner = job.owner
     try:  # asked again here: the settings may differ from the API's, and a path may have changed since
         model, dataset = check_references(spec, store, owner, settings)
+        source = check_source(spec, store, owner)
     except Refused as exc:
         raise JobError(str(exc)) from None
     spec = spec.model_copy(update={"model": model, "dataset": dataset})
@@ -372,6 +374,7 @@ def _train(
             hooks,
             models_dir=settings.models_dir,
             resolve_dataset=dataset_resolver(store, owner),
+            source=source,
         )
     lease.retry("writing the last metrics", sink.flush)
     if lease.ours:

@@ -41,7 +41,7 @@ import circuits.cost_estimate
 from circuits.execution import ExecutionCancelled, RuntimeJobFailed, RuntimeJobTimeout
 from service.api.cost import cost_of
 from service.spec import EVAL_BATCH_FACTOR, EVAL_LOSS_EXAMPLES, JobSpec
-from workers import artifacts, checkpoints, evaluation
+from workers import artifacts, checkpoints, evaluation, hardware_gap
 from workers.datasets import DatasetError, Splits, collate, encode, load_splits
 from workers.methods import PreparedModel, prepare
 from workers.models import ModelError, load_model
@@ -96,8 +96,11 @@ def train(
     models_dir: Path | None = None,
     resolve_dataset: Callable[[str], Path] | None = None,
     device: torch.device | None = None,
+    source: Any = None,
 ) -> TrainingResult:
-    """Train `spec` in `run_dir` (checkpoints/, artifacts/), resuming from the newest checkpoint there."""
+    """Run `spec` in `run_dir` (checkpoints/, artifacts/): train, resuming from the newest checkpoint there, or
+    with `kind: evaluate` measure the hardware gap (`workers.hardware_gap`). `source` is the adapter the spec
+    loads (`service.admission.SourceAdapter`, for `init_from` and `adapter_from`)."""
     run_dir = Path(run_dir)
     device = device or training_device(spec)
     if device.type == "cuda":
@@ -106,8 +109,15 @@ def train(
         _seed_everything(spec.training.seed)
         splits = _splits(spec, resolve_dataset)
         prepared, tokenizer, chat = _prepared(spec, models_dir, device)
+        if source is not None:  # a checkpoint of this job, if any, overrides it (`_Run._resume`)
+            hardware_gap.load_source(prepared.model, source.files, source.job_id)
         if hooks.admit is not None:  # before the run signs in anywhere
             hooks.admit(*run_cost(spec, prepared.model))
+        if spec.kind == "evaluate":
+            try:
+                return hardware_gap.evaluate(spec, run_dir, hooks, prepared.model, tokenizer, chat, splits, device)
+            except (RuntimeJobFailed, RuntimeJobTimeout) as exc:
+                raise JobError(str(exc)) from exc
         with _execution(spec, prepared.model) as execution:
             if hooks.started is not None:
                 hooks.started(execution)

@@ -9,6 +9,7 @@ from qiskit import QuantumCircuit
 from qiskit_aer import AerSimulator
 from qiskit_aer.primitives import EstimatorV2, SamplerV2
 
+from ..accounting import Usage
 from ..config import QAAConfig
 from ..noise_cache import noise_model
 from ..template import Template
@@ -69,6 +70,8 @@ class AerRunner:
 
         self.config, self.env = config, env
         self.shots = config.shots
+        self.circuits_per_row, self.shots_per_row = 1, config.shots or 0
+        self.extra_usage = Usage()  # nothing runs outside an adapter's rows on Aer
         self.measured = config.shots is not None
         self.device = fake_backend(config.noise) if config.noise else None
         if self.device is None:

@@ -112,8 +112,8 @@ class CircuitEngine:
             self.usage.primitive_calls += 1
             self.usage.qpu_seconds += qpu_seconds
         count = len(rows.which)
-        self.usage.circuits += count
-        self.usage.shots += count * (self.runner.shots or 0)
+        self.usage.circuits += count * self.runner.circuits_per_row  # twirling randomizations x ZNE noise factors
+        self.usage.shots += count * self.runner.shots_per_row
         return values * rows.weight[:, None]
 
     def _shared(self, which: np.ndarray, params: np.ndarray) -> list:

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 from qiskit import QuantumCircuit
 
+from ..accounting import Usage
 from ..config import QAAConfig
-from ..cost_estimate import MAX_EXECUTIONS_PER_JOB
+from ..cost_estimate import max_bindings, overhead, per_row
 from ..execution import ExecutionCancelled, RuntimeJobFailed, RuntimeJobTimeout
+from ..mitigation import M3Readout, estimator_options, estimator_pubs, sampler_options, unmeasured
 from ..template import Template
 from .environment import BackendEnvironment
-from .readout import bits_to_readout
+from .readout import bits_to_readout, evs_to_readout
 
 #: Poll interval for a runtime job's state: starts short (local jobs take milliseconds), grows to the cap.
 POLL_FIRST_S, POLL_MAX_LOCAL_S, POLL_MAX_REMOTE_S = 0.002, 0.05, 2.0
@@ -57,7 +59,15 @@ class RuntimeRunner:
         self.transpile_backend = device
         self.compact = local  # a simulator needs only the used qubits; hardware runs the full-width ISA circuit
         self.shots = config.effective_shots()
-        self.max_bindings = max(1, MAX_EXECUTIONS_PER_JOB // self.shots)
+        self.mitigation = config.mitigation if config.mitigation is not None and config.mitigation.active else None
+        self.estimator = self.mitigation is not None and self.mitigation.estimator
+        self.m3 = None
+        if self.mitigation is not None and self.mitigation.readout == "m3":
+            self.m3 = M3Readout(self.mitigation.calibration_shots)
+        self.circuits_per_row, self.shots_per_row = per_row(config)
+        self.max_bindings = max_bindings(self.shots_per_row)  # 10^7 executions per runtime job
+        self.extra_usage = Usage()  # calibration circuits (TREX per job, M3 per qubit set): the run's, no adapter's
+        self._unmeasured: dict[int, QuantumCircuit] = {}
         self.rng = np.random.default_rng(config.seed)
         self.job_ids: list[str] = []
         self.retries = 0
@@ -84,7 +94,12 @@ class RuntimeRunner:
         tuned = tuned_options(method, False, isa.num_qubits, self.config.device)
         simulator = self.local_simulator(noise_model=model, method=method, device=self.config.device, **tuned)
         # runtime options (twirling, dynamical decoupling) rewrite the whole circuit, the prefix included
-        shares = method == "density_matrix" and isa.num_qubits <= MAX_SHARED_WIDTH and not self.config.primitive_options
+        shares = (
+            method == "density_matrix"
+            and isa.num_qubits <= MAX_SHARED_WIDTH
+            and not self.config.primitive_options
+            and self.mitigation is None
+        )
         self._local[id(isa)] = (isa, _Local(simulator, shares))
 
     def local_simulator(self, **options):
@@ -123,17 +138,17 @@ class RuntimeRunner:
     # --- running --------------------------------------------------------------------------------------------
 
     def run(self, pubs, template: Template, isa: QuantumCircuit) -> tuple[list[np.ndarray], float]:
-        """Readout of every PUB from one runtime job (retried once if it fails), and its reported QPU seconds."""
-        from qiskit_ibm_runtime.executor_sampler import Sampler
-
+        """Readout of every PUB from one runtime job (retried once if it fails), and its reported QPU seconds:
+        the Sampler's counts (M3-corrected with `readout: m3`), or with Estimator mitigation its expectations."""
         if self._cancelled.is_set():
             raise ExecutionCancelled("the run was cancelled")
-        sampler = Sampler(mode=self._mode(self._target(isa)), options=self.config.primitive_options or None)
-        sampler.options.default_shots = self.shots
+        primitive = self._estimator(isa) if self.estimator else self._sampler(isa)
         if self.local:
-            sampler.options.simulator.seed_simulator = int(self.rng.integers(2**31))
+            primitive.options.simulator.seed_simulator = int(self.rng.integers(2**31))
+        if self.estimator:
+            pubs = estimator_pubs(pubs, template, isa, self._unmeasured_of(isa))
         for attempt in range(RETRIES + 1):
-            job = sampler.run(pubs)
+            job = primitive.run(pubs)
             self.job_ids.append(job.job_id())
             try:
                 result = self._wait(job)
@@ -142,7 +157,48 @@ class RuntimeRunner:
                 if attempt == RETRIES:
                     raise
                 self.retries += 1
-        return [bits_to_readout(r.data.meas, template) for r in result], _usage_seconds(job)
+        cost = overhead(self.config, template.n)
+        self.extra_usage.circuits += cost.circuits_per_call
+        self.extra_usage.shots += cost.shots_per_call
+        return self._readout(result, template, isa), _usage_seconds(job)
+
+    def _sampler(self, isa: QuantumCircuit):
+        from qiskit_ibm_runtime.executor_sampler import Sampler
+
+        options = sampler_options(self.mitigation, self.config.primitive_options)
+        sampler = Sampler(mode=self._mode(self._target(isa)), options=options)
+        sampler.options.default_shots = self.shots
+        return sampler
+
+    def _estimator(self, isa: QuantumCircuit):
+        from qiskit_ibm_runtime.executor_estimator import Estimator
+
+        options = estimator_options(self.mitigation, self.config.primitive_options)
+        estimator = Estimator(mode=self._mode(self._target(isa)), options=options)
+        estimator.options.default_shots = self.shots
+        return estimator
+
+    def _readout(self, result, template: Template, isa: QuantumCircuit) -> list[np.ndarray]:
+        if self.estimator:
+            # an extrapolation can leave [-1, 1] (or diverge); a Pauli expectation cannot: clipped to its range
+            evs = [np.clip(np.nan_to_num(np.asarray(r.data.evs), nan=0.0), -1.0, 1.0) for r in result]
+            return [evs_to_readout(e, template) for e in evs]
+        if self.m3 is None:
+            return [bits_to_readout(r.data.meas, template) for r in result]
+        target = self._target(isa)
+        before = self.m3.calibrations
+        mit, mapping = self.m3.calibration(target, isa, runtime_mode=self._modes.get(id(target)))
+        if self.m3.calibrations > before:  # priced as `Overhead.*_per_run`: counted where it happened
+            cost = overhead(self.config, template.n)
+            self.extra_usage.circuits += cost.circuits_per_run
+            self.extra_usage.shots += cost.shots_per_run
+            self.extra_usage.primitive_calls += cost.jobs_per_run
+        return [self.m3.correct(mit, mapping, r.data.meas, template) for r in result]
+
+    def _unmeasured_of(self, isa: QuantumCircuit) -> QuantumCircuit:
+        if id(isa) not in self._unmeasured:
+            self._unmeasured[id(isa)] = unmeasured(isa)
+        return self._unmeasured[id(isa)]
 
     def _wait(self, job):
         """Poll `job` to its end; cancel it on a timeout or a cancelled run."""

@@ -94,15 +94,20 @@ class SpecCost:
 
 def evaluation_calls(spec: JobSpec) -> list[int]:
     """Input vectors per forward call of a job's evaluation, at most: every eval-loss pass over up to
-    EVAL_LOSS_EXAMPLES validation examples padded to `max_length`, and the generation of `samples` test
-    prompts (a prefill of `max_length` tokens, then one token per row for each further new token)."""
+    EVAL_LOSS_EXAMPLES validation examples padded to `max_length` (an evaluate job: one pass over its `samples`
+    test examples), and the generation of `samples` test prompts (a prefill of `max_length` tokens, then one
+    token per row for each further new token)."""
     t, e = spec.training, spec.evaluation
-    passes = sum(1 for s in range(1, t.steps + 1) if (t.eval_every and s % t.eval_every == 0) or s == t.steps)
     batch = t.batch_size * EVAL_BATCH_FACTOR
+    if spec.kind == "evaluate":
+        passes, examples = 1, e.samples
+    else:
+        passes = sum(1 for s in range(1, t.steps + 1) if (t.eval_every and s % t.eval_every == 0) or s == t.steps)
+        examples = EVAL_LOSS_EXAMPLES
     calls = []
     for _ in range(passes):
-        for start in range(0, EVAL_LOSS_EXAMPLES, batch):
-            calls.append(min(batch, EVAL_LOSS_EXAMPLES - start) * t.max_length)
+        for start in range(0, examples, batch):
+            calls.append(min(batch, examples - start) * t.max_length)
     for start in range(0, e.samples, batch):
         rows = min(batch, e.samples - start)
         calls += [rows * t.max_length] + [rows] * (e.max_new_tokens - 1)
@@ -123,7 +128,7 @@ def spec_cost(spec: JobSpec, *, d_in: int | None = None, adapters: int | None = 
     """Price `spec`. `d_in` and `adapters` override the builtin shapes (and are required for other models;
     their output width is then taken as `d_in`)."""
     tokens = spec.training.batch_size * spec.training.max_length
-    steps = spec.training.steps
+    steps = 0 if spec.kind == "evaluate" else spec.training.steps
     shape = BUILTIN_SHAPES.get(spec.model)
     classical = None
     if shape is not None:
@@ -154,7 +159,10 @@ def cost_of(spec: JobSpec, widths: Widths) -> tuple[Estimate, Estimate, int]:
     pricing the API (from the builtin shapes) and the worker (from the loaded model) both use."""
     config = spec.qaa_config()
     tokens = spec.training.batch_size * spec.training.max_length
-    training = estimate_widths(config, tokens, spec.training.steps, widths)
+    if spec.kind == "evaluate":  # inference only: the evaluation below is the whole job
+        training = Estimate(0, 0, 0, 0, "an evaluate job trains nothing")
+    else:
+        training = estimate_widths(config, tokens, spec.training.steps, widths)
     evaluation = forward_estimate(config, widths, evaluation_calls(spec))
     return training, evaluation, engine_state_bytes(config, tokens, widths)
 

@@ -195,6 +195,24 @@ function evaluationCard(job) {
       : h("p", { class: "muted" }, TERMINAL.has(job.status) ? "No evaluation was recorded." : "Scores appear when training ends."));
 }
 
+// An evaluate job (`kind: evaluate`): the same adapter on the exact engine and on the backend, side by side.
+function gapCard(job) {
+  const e = job.evaluation;
+  if (!e || !e.gap || !e.exact || !e.on_backend) return null;
+  const names = Object.keys(e.exact);
+  const signed = (v) => (typeof v === "number" && v > 0 ? "+" : "") + formatNumber(v);
+  return h("section", { class: "card", id: "hardware-gap" },
+    h("h2", {}, `Hardware gap: ${e.backend}`),
+    h("p", { class: "muted" }, `Adapter of ${e.adapter_from} on ${e.examples} test examples, ${e.shots ?? "exact"} shots, `
+      + `mitigation ${e.mitigation ? JSON.stringify(e.mitigation) : "none"}. Readout error against the exact engine on the same inputs: `
+      + `mean ${formatNumber(e.gap.readout_mean_abs)}, max ${formatNumber(e.gap.readout_max_abs)}.`),
+    h("table", { class: "kv" },
+      h("thead", {}, h("tr", {}, ["", "exact", e.backend, "gap"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, names.map((k) => h("tr", { "data-metric": k }, h("th", {}, k),
+        h("td", { class: "mono" }, formatNumber(e.exact[k])), h("td", { class: "mono" }, formatNumber(e.on_backend[k])),
+        h("td", { class: "mono gap" }, signed(e.gap[k])))))));
+}
+
 async function download(jobId, artifact, button) {
   button.disabled = true;
   try {
@@ -262,6 +280,7 @@ async function renderJob(view, jobId) {
       h("div", { class: "stack" },
         h("section", { class: "card" }, h("h2", {}, "Learning rate"), lrBox),
         usageCard(job))),
+    gapCard(job),
     h("div", { class: "grid2" }, evaluationCard(job), artifactsCard(job, artifacts)),
   ].filter(Boolean));
 
