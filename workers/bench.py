@@ -6,9 +6,12 @@ evaluation, so the table measures the product itself. Rows:
 - the five headline methods, whose method options and learning rates are those of `examples/full.yaml`,
   `lora.yaml`, `prefix.yaml`, `sora.yaml` and `qaa-smollm2.yaml` (the default QAA row), run with `seeds` seeds;
 - QAA variants on the exact engine (L = 1, 2, 4 x readout expval, expval+zz), first seed only;
-- the hardware-path pair: QAA compressed to 4 qubits on one module, on Aer with FakeManilaV2's noise model and
-  shots, and the same adapter on the exact engine. Each token costs 2P + 1 circuits on Aer, so this pair trains
-  `hardware_steps` steps of `hardware_batch_size` rows; everything else (model, data, seed, evaluation) is shared.
+- the hardware rows, one adapter (one set of weights): QAA compressed to 4 qubits on one module, trained on the
+  exact engine; the same weights evaluated (`kind: evaluate`) on `hardware_device`'s noise without and with each
+  mitigation; then fine-tuned `hardware_steps` noise-aware steps of `hardware_batch_size` rows on that device
+  (`init_from`, parameter-shift: each token costs 2P + 1 circuits) and evaluated there again. An evaluate row
+  reports the device's scores, its eval loss and the readout error against the exact engine on the same inputs
+  (`readout_error`), on `hardware_samples` test examples with `hardware_new_tokens` new tokens.
 
 Jobs run one at a time. Without `url`, each job gets a fresh embedded stack (API + one worker): on CPU a job's
 `peak_memory_mb` is its worker's RSS high-water mark, which would otherwise be the highest of every job before.
@@ -54,8 +57,17 @@ QAA_LAYERS = (1, 2, 4)
 QAA_READOUTS = ("expval", "expval+zz")
 #: Means over seeds with a `_std` beside them.
 SCORES = ("bleu", "rouge1", "rouge2", "rougeL", "bertscore_f1", "final_train_loss", "eval_loss")
-ROW_KEYS = ("method", "variant", "trainable_params", "trainable_share", *SCORES, "seconds_per_step",
-            "peak_memory_mb", "seeds")  # fmt: skip
+ROW_KEYS = ("method", "variant", "trainable_params", "trainable_share", *SCORES, "readout_error",
+            "seconds_per_step", "peak_memory_mb", "seeds")  # fmt: skip
+#: The hardware rows' evaluations on the device, by label: `quantum.mitigation` of each (None: unmitigated).
+HARDWARE_MITIGATIONS = {
+    "no mitigation": None,
+    "M3": {"readout": "m3"},
+    "TREX": {"readout": "trex"},
+    "twirling + TREX": {"readout": "trex", "twirling": True},
+    "ZNE": {"zne": {}},
+    "ZNE + TREX": {"readout": "trex", "zne": {}},
+}
 POLL_S = 2.0
 #: What `peak_memory_mb` means, by whether the bench started the service (False) or was given a URL (True).
 PEAK_MEMORY = {
@@ -71,7 +83,7 @@ def eval_every(steps: int) -> int:
 
 @dataclass(frozen=True)
 class Budget:
-    """What every row shares. `seeds` applies to the headline rows; variants and the hardware pair run seed 0."""
+    """What every row shares. `seeds` applies to the headline rows; variants and the hardware rows run seed 0."""
 
     model: str = "builtin:smollm2-135m"
     dataset: str = "builtin:restaurants"
@@ -82,11 +94,13 @@ class Budget:
     samples: int = 50
     max_new_tokens: int = 48
     metrics: tuple[str, ...] = ("bleu", "rouge", "bertscore")
-    hardware_steps: int = 20
+    hardware_steps: int = 5
     hardware_batch_size: int = 2
     hardware_shots: int = 1024
     hardware_qubits: int = 4
-    hardware_noise: str = "FakeManilaV2"
+    hardware_device: str = "FakeManilaV2"
+    hardware_samples: int = 10
+    hardware_new_tokens: int = 16
     #: One module (a suffix every Llama-style model has), so the noisy Aer row stays minutes long.
     hardware_target: str = "layers.0.self_attn.v_proj"
 
@@ -100,7 +114,8 @@ class Budget:
 PUBLISHED = Budget()
 #: `--quick`: the same rows in a few minutes, on the random-init tiny Llama.
 QUICK = replace(PUBLISHED, model="builtin:tiny-llama", steps=6, batch_size=2, max_length=32, seeds=1, samples=4,
-                max_new_tokens=8, hardware_steps=2, hardware_batch_size=1, hardware_shots=256)  # fmt: skip
+                max_new_tokens=8, hardware_steps=2, hardware_batch_size=1, hardware_shots=256, hardware_samples=2,
+                hardware_new_tokens=2)  # fmt: skip
 
 
 @dataclass
@@ -112,6 +127,8 @@ class Row:
     spec: dict[str, Any]
     seeds: list[int]
     group: str  # headline | variant | hardware
+    #: The row whose adapter this one loads (its first job): `adapter_from` for an evaluate row, else `init_from`.
+    source: Row | None = None
     jobs: list[dict[str, Any]] = field(default_factory=list)
     points: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
@@ -123,6 +140,10 @@ class Row:
         slug = "-".join("".join(c if c.isalnum() else " " for c in self.label).split())
         spec = json.loads(json.dumps(self.spec))
         spec["training"]["seed"] = seed
+        if self.source is not None:
+            if not self.source.jobs or self.source.jobs[0]["status"] != "succeeded":
+                raise BenchError(f"{self.label} loads the adapter of {self.source.label}, which did not succeed")
+            spec["adapter_from" if spec.get("kind") == "evaluate" else "init_from"] = self.source.jobs[0]["id"]
         return {"name": f"bench-{slug}-seed{seed}", **spec}
 
 
@@ -160,7 +181,7 @@ def _variant(method: dict) -> str:
 
 
 def plan(budget: Budget) -> list[Row]:
-    """Every row of the bench, headline rows first, then the QAA variants, then the hardware pair."""
+    """Every row of the bench, headline rows first, then the QAA variants, then the hardware rows."""
     headline_seeds = list(range(budget.seeds))
     rows, default_qaa, qaa_lr = [], None, None
     for kind, name in HEADLINE_SPECS.items():
@@ -177,19 +198,40 @@ def plan(budget: Budget) -> list[Row]:
             if method != default_qaa:
                 job = _job(budget, method, qaa_lr, {"backend": "exact"})
                 rows.append(Row("qaa", f"exact {_variant(method)}", job, [0], "variant"))
+    rows += hardware_rows(budget, default_qaa)
+    return rows
+
+
+def hardware_rows(budget: Budget, default_qaa: dict) -> list[Row]:
+    """One adapter on the exact engine, on the device with each mitigation, fine-tuned there, evaluated again."""
     small = {**default_qaa, "target_modules": [budget.hardware_target], "qubits": budget.hardware_qubits,
              "compress": "fixed", "layers": 1, "readout": "expval"}  # fmt: skip
     size = f"n={budget.hardware_qubits} L=1 expval, 1 module"
-    noisy = {"backend": "aer", "noise": budget.hardware_noise, "shots": budget.hardware_shots,
-             "gradient": "parameter-shift", "input_grad": "none"}  # fmt: skip
-    exact = {"backend": "exact", "input_grad": "none"}
-    hw = {"steps": budget.hardware_steps, "batch_size": budget.hardware_batch_size}
-    # A larger rate than the default row's: one 4-qubit adapter trains few parameters in few steps.
-    hardware_lr = 1e-2
-    rows.append(Row("qaa", f"{size}, aer {budget.hardware_noise} noise, {budget.hardware_shots} shots",
-                    _job(budget, small, hardware_lr, noisy, **hw), [0], "hardware"))  # fmt: skip
-    rows.append(Row("qaa", f"{size}, exact (same adapter)", _job(budget, small, hardware_lr, exact, **hw), [0],
-                    "hardware"))  # fmt: skip
+    device = f"fake:{budget.hardware_device}"
+    # A larger rate than the default row's: one 4-qubit adapter trains few parameters.
+    lr = 1e-2
+    trained = Row("qaa", f"{size}, trained on exact", _job(budget, small, lr, {"backend": "exact"}), [0], "hardware")
+
+    def evaluated(source: Row, label: str, mitigation: dict | None) -> Row:
+        quantum = {
+            "backend": device,
+            "shots": budget.hardware_shots,
+            **({"mitigation": mitigation} if mitigation else {}),
+        }
+        spec = {**_job(budget, small, lr, quantum), "kind": "evaluate"}
+        spec["evaluation"] |= {"samples": budget.hardware_samples, "max_new_tokens": budget.hardware_new_tokens}
+        return Row("qaa", f"{size}, {label}", spec, [0], "hardware", source)
+
+    rows = [trained]
+    for label, mitigation in HARDWARE_MITIGATIONS.items():
+        rows.append(evaluated(trained, f"same weights on {budget.hardware_device}, {label}", mitigation))
+    noisy = {"backend": device, "shots": budget.hardware_shots, "gradient": "parameter-shift", "input_grad": "none"}
+    tune = _job(budget, small, lr, noisy, steps=budget.hardware_steps, batch_size=budget.hardware_batch_size)
+    tune["evaluation"] |= {"samples": budget.hardware_samples, "max_new_tokens": budget.hardware_new_tokens}
+    tuned = Row("qaa", f"{size}, +{budget.hardware_steps} noise-aware steps on {budget.hardware_device}", tune, [0],
+                "hardware", trained)  # fmt: skip
+    rows.append(tuned)
+    rows.append(evaluated(tuned, f"tuned weights on {budget.hardware_device}, no mitigation", None))
     return rows
 
 
@@ -247,9 +289,18 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def _scores(job: dict[str, Any]) -> dict[str, Any]:
+    """A job's evaluation as a row reads it: an evaluate job's scores are those on the device, with its readout
+    error against the exact engine beside them."""
+    e = job["evaluation"]
+    if job["spec"].get("kind") != "evaluate":
+        return e
+    return {**e["on_backend"], "readout_error": e["gap"]["readout_mean_abs"]}
+
+
 def summarize(row: Row) -> dict[str, Any]:
     """The row's methods.json entry from its succeeded jobs' evaluations."""
-    evals = [job["evaluation"] for job in row.jobs if job["status"] == "succeeded" and job.get("evaluation")]
+    evals = [_scores(job) for job in row.jobs if job["status"] == "succeeded" and job.get("evaluation")]
 
     def values(key: str) -> list[float]:
         return [e[key] for e in evals if isinstance(e.get(key), int | float) and math.isfinite(e[key])]
@@ -261,6 +312,7 @@ def summarize(row: Row) -> dict[str, Any]:
         out[key], out[f"{key}_std"] = _mean_std(values(key))
     # Timing: the fastest seed, as timeit reports (other load on the machine only ever adds time); memory: the
     # highest peak.
+    out["readout_error"] = next(iter(values("readout_error")), None)
     out["seconds_per_step"] = min(values("seconds_per_step"), default=None)
     out["peak_memory_mb"] = max(values("peak_memory_mb"), default=None)
     out["seeds"] = [job["spec"]["training"]["seed"] for job in row.jobs if job["status"] == "succeeded"]
@@ -318,7 +370,8 @@ TABLE = (
     ("method", "method"), ("variant", "variant"), ("trainable_params", "trainable params"),
     ("trainable_share", "share"), ("bleu", "BLEU"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
     ("rougeL", "ROUGE-L"), ("bertscore_f1", "BERTScore F1"), ("final_train_loss", "final train loss"),
-    ("eval_loss", "eval loss"), ("seconds_per_step", "s/step"), ("peak_memory_mb", "peak MB"), ("seeds", "seeds"),
+    ("eval_loss", "eval loss"), ("readout_error", "readout error"), ("seconds_per_step", "s/step"),
+    ("peak_memory_mb", "peak MB"), ("seeds", "seeds"),
 )  # fmt: skip
 
 
@@ -332,15 +385,18 @@ def markdown(rows: Sequence[dict[str, Any]], record: dict[str, Any]) -> str:
         f"{record['started_at'][:16].replace('T', ' ')} UTC, {record['wall_seconds'] / 60:.1f} min.",
         f"Model `{b['model']}`, data `{b['dataset']}`, {b['steps']} steps of {b['batch_size']} x {b['max_length']} "
         f"tokens, eval loss every {b['eval_every']} steps on 200 validation examples, BLEU/ROUGE/BERTScore on "
-        f"{b['samples']} test examples (greedy, {b['max_new_tokens']} new tokens). Hardware pair: "
-        f"{b['hardware_steps']} steps of {b['hardware_batch_size']} x {b['max_length']}. Scores are means over "
+        f"{b['samples']} test examples (greedy, {b['max_new_tokens']} new tokens). Hardware rows: one adapter, its "
+        f"evaluations on {b['hardware_samples']} test examples ({b['hardware_new_tokens']} new tokens, "
+        f"{b['hardware_shots']} shots; readout error: mean |r_device - r_exact| on the same inputs), its "
+        f"noise-aware tuning {b['hardware_steps']} steps of {b['hardware_batch_size']} x {b['max_length']}. "
+        "Scores are means over "
         "the seeds listed, ± the sample standard deviation. s/step: the mean training step time of the fastest "
         f"seed; peak MB: the highest over the seeds, {record['peak_memory']}.",
         "",
         "| " + " | ".join(title for _, title in TABLE) + " |",
         "|" + "---|" * len(TABLE),
     ]
-    digits = {"bleu": 2, "bertscore_f1": 4, "seconds_per_step": 3, "peak_memory_mb": 0}
+    digits = {"bleu": 2, "bertscore_f1": 4, "readout_error": 4, "seconds_per_step": 3, "peak_memory_mb": 0}
     for r in rows:
         cells = []
         for key, _ in TABLE:
@@ -387,7 +443,7 @@ STYLES = {"headline": {"linewidth": 1.8}, "variant": {"linewidth": 1.0, "linesty
 
 def plot_curves(plan_rows: Sequence[Row], path: Path) -> None:
     """Each row's first seed: smoothed train loss (lines) and eval loss (dots of the same colour). The hardware
-    pair, which trains fewer and smaller steps, gets its own panel; one legend of a dozen rows stays readable."""
+    rows, which train fewer and smaller steps, get their own panel; one legend of a dozen rows stays readable."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -401,12 +457,14 @@ def plot_curves(plan_rows: Sequence[Row], path: Path) -> None:
         points = _smoothed(row.points[min(row.points)])
         ax = hardware if row.group == "hardware" else main
         train = [(p["step"], p["loss"]) for p in points if isinstance(p.get("loss"), int | float)]
+        if not train:  # an evaluate row trains nothing
+            continue
         (line,) = ax.plot(*zip(*train, strict=True), label=row.label, **STYLES[row.group])
         evals = [(p["step"], p["eval_loss"]) for p in points if isinstance(p.get("eval_loss"), int | float)]
         if evals:
             ax.plot(*zip(*evals, strict=True), "o", color=line.get_color(), markersize=5)
     main.set_title("methods and QAA variants (dashed): train loss (moving average), eval loss (dots)", fontsize=9)
-    hardware.set_title("hardware path: QAA n=4 on noisy Aer and on the exact engine", fontsize=9)
+    hardware.set_title("hardware rows: QAA n=4 on the exact engine, then tuned on the device's noise", fontsize=9)
     for ax in (main, hardware):
         ax.set_xlabel("step")
         ax.set_ylabel("loss")

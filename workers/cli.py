@@ -155,7 +155,7 @@ def bench(
     url: str = typer.Option(None, help="A running server (key: QAA_API_KEY or credentials); default: start one."),
     quick: bool = typer.Option(False, help="Minutes-long smoke version: tiny Llama, few steps, one seed."),
     seeds: int = typer.Option(None, min=1, help="Seeds of the five headline rows (variants run seed 0)."),
-    steps: int = typer.Option(None, min=1, help="Training steps of every row but the hardware pair."),
+    steps: int = typer.Option(None, min=1, help="Training steps of every row but the hardware rows' noise-aware tuning."),
     samples: int = typer.Option(None, min=1, help="Test examples generated and scored per job."),
     out: str = typer.Option("benchmarks/results", help="Folder for methods.json, methods.md, loss_curves.png."),
 ) -> None:
