@@ -12,6 +12,7 @@ import csv
 import sys
 from collections.abc import Iterator
 from enum import StrEnum
+from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, NoReturn
 
@@ -36,6 +37,19 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"qaa-client {metadata.version('qaa-service')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version."),
+) -> None:
+    pass
 
 
 class Output(StrEnum):

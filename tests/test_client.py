@@ -264,3 +264,27 @@ def test_help_texts_keep_their_defaults():
     metrics = CliRunner().invoke(app, ["metrics", "--help"], env={"COLUMNS": "200"})
     download = CliRunner().invoke(app, ["download", "--help"], env={"COLUMNS": "200"})
     assert "default: table; json with -o json" in metrics.output and "default: ./JOB_ID" in download.output
+
+
+def test_both_clis_print_the_package_version():
+    from importlib import metadata
+
+    from typer.testing import CliRunner
+
+    from client.cli import app as client_app
+    from workers.cli import app as server_app
+
+    version = metadata.version("qaa-service")
+    for app, prog in ((client_app, "qaa-client"), (server_app, "qaa")):
+        result = CliRunner().invoke(app, ["--version"])
+        assert result.exit_code == 0 and result.output.strip() == f"{prog} {version}"
+
+
+def test_the_licence_file_is_the_one_pyproject_names():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    licence = (REPO / "LICENSE").read_text()
+    assert project["license"] == {"text": "Apache-2.0"}
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
+    assert "END OF TERMS AND CONDITIONS" in licence

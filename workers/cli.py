@@ -8,12 +8,28 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from importlib import metadata
 
 import typer
 
 from service.queueing import QUEUES
 
 app = typer.Typer(help="QAA training service: server-side commands.", no_args_is_help=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"qaa {metadata.version('qaa-service')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version."),
+) -> None:
+    pass
+
+
 keys = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
 app.add_typer(keys, name="keys")
 
@@ -155,7 +171,7 @@ def bench(
     url: str = typer.Option(None, help="A running server (key: QAA_API_KEY or credentials); default: start one."),
     quick: bool = typer.Option(False, help="Minutes-long smoke version: tiny Llama, few steps, one seed."),
     seeds: int = typer.Option(None, min=1, help="Seeds of the five headline rows (variants run seed 0)."),
-    steps: int = typer.Option(None, min=1, help="Training steps of every row but the hardware rows' noise-aware tuning."),
+    steps: int = typer.Option(None, min=1, help="Training steps of every row but the hardware tuning."),
     samples: int = typer.Option(None, min=1, help="Test examples generated and scored per job."),
     out: str = typer.Option("benchmarks/results", help="Folder for methods.json, methods.md, loss_curves.png."),
 ) -> None:
