@@ -64,11 +64,11 @@ def unmeasured(isa: QuantumCircuit) -> QuantumCircuit:
 
 
 def estimator_pubs(pubs, template: Template, isa: QuantumCircuit, circuit: QuantumCircuit) -> list:
-    """Sampler PUBs (ISA circuit, params [B, P]) as Estimator PUBs on `circuit` (the ISA circuit unmeasured),
-    one diagonal observable per readout component, laid out on the qubits the virtual ones end on."""
-    final = isa.metadata["qaa_final"]
-    observables = [o.apply_layout(final, circuit.num_qubits) for o in template.observables]
-    return [(circuit, [observables], params[:, None, :]) for _, params in pubs]
+    """Sampler PUBs (ISA circuit, params [B, P]) as Estimator PUBs on `circuit` (the ISA circuit unmeasured): one
+    diagonal observable per readout component, as Aer's Estimator gets them."""
+    from .backends.readout import estimator_pub
+
+    return [estimator_pub(template, isa, circuit, params) for _, params in pubs]
 
 
 class M3Readout:

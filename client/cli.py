@@ -2,7 +2,8 @@
 
 Exit codes, for scripts: 0 done, 1 the job failed or was cancelled, 2 usage (bad flags, an unreadable or
 invalid spec, any other refused request), 3 the server is unreachable or failing (5xx), 4 the API key was
-refused. Every command takes `--output json`, which prints the API's JSON (errors too, as `{"error": ...}`).
+refused, 5 a download failed its integrity check (a SHA-256 that differs from the server's, an unsafe name).
+Every command takes `--output json`, which prints the API's JSON (errors too, as `{"error": ...}`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_AUTH = 4
+EXIT_INTEGRITY = 5
 
 app = typer.Typer(
     help="Submit, watch and compare QAA training jobs (exit codes: 0 done, 1 job failed or cancelled, "
-    "2 usage, 3 server unreachable, 4 key refused).",
+    "2 usage, 3 server unreachable, 4 key refused, 5 a download failed its integrity check).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -322,13 +324,17 @@ def download(
         for artifact in api.artifacts(job_id):
             name = PurePosixPath(artifact["name"])
             if name.is_absolute() or ".." in name.parts:
-                fail(
-                    EXIT_UNREACHABLE, f"the server named an artifact {artifact['name']!r}; refusing to write it", output
-                )
+                fail(EXIT_INTEGRITY, f"the server named an artifact {artifact['name']!r}; refusing to write it", output)
             path = folder.joinpath(*name.parts)
             digest = api.download_artifact(artifact, path)
             if digest != artifact["sha256"]:
-                fail(EXIT_UNREACHABLE, f"{artifact['name']}: SHA-256 {digest} differs from the server's", output)
+                path.unlink()  # not the file the job wrote: nothing corrupt is left behind to be used
+                fail(
+                    EXIT_INTEGRITY,
+                    f"{artifact['name']}: SHA-256 {digest} differs from the {artifact['sha256']} the job recorded; "
+                    "the file was not kept",
+                    output,
+                )
             written.append({**artifact, "path": str(path)})
     table = Table("artifact", "bytes", "written to")
     for item in written:

@@ -288,7 +288,9 @@ class QuantumOptions(_Strict):
         None, description="ibm: only; how runtime jobs are grouped (batch when unset)."
     )
     primitive_options: PrimitiveOptions | None = Field(
-        None, description="fake:/ibm: only; runtime Sampler options (twirling, dynamical decoupling, execution)."
+        None,
+        description="fake:/ibm: only; runtime primitive options (twirling, dynamical decoupling, execution): the "
+        "Sampler's, or the Estimator's when quantum.mitigation runs it.",
     )
     mitigation: Mitigation | None = Field(
         None,

@@ -275,8 +275,8 @@ def test_both_clis_print_the_package_version():
     from workers.cli import app as server_app
 
     version = metadata.version("qaa-service")
-    for app, prog in ((client_app, "qaa-client"), (server_app, "qaa")):
-        result = CliRunner().invoke(app, ["--version"])
+    for cli, prog in ((client_app, "qaa-client"), (server_app, "qaa")):
+        result = CliRunner().invoke(cli, ["--version"])
         assert result.exit_code == 0 and result.output.strip() == f"{prog} {version}"
 
 

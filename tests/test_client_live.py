@@ -244,6 +244,14 @@ def test_metrics_and_download_match_the_api(live, worker, tmp_path):
         assert path.read_bytes() == live.http.get(artifact["url"]).content
     assert not list((tmp_path / "out").rglob("*.part"))
 
+    # a file changed on the server after the job recorded its digest: exit 5, and the bad copy is not kept
+    stored = next(a for a in artifacts if a["name"].endswith("metrics.json"))
+    on_disk = next(live.services.home.rglob(f"{job['id']}/{stored['name']}"))
+    on_disk.write_bytes(on_disk.read_bytes() + b" ")
+    result = live.cli("download", job["id"], "--dest", str(tmp_path / "again"))
+    assert result.exit_code == 5 and "differs from the" in result.stderr
+    assert not (tmp_path / "again" / stored["name"]).exists()
+
 
 @needs_trainer
 @pytest.mark.slow
