@@ -47,7 +47,9 @@ class Overhead:
     """What mitigation adds on a device backend (`config.mitigation`): each parameter set runs as
     `circuits_per_row` circuits (twirling randomizations x ZNE noise factors) taking `shots_per_row` shots in all;
     each runtime job adds TREX's calibration circuits (`per_call`), each run M3's, once per qubit set
-    (`per_run`). Without mitigation: one circuit of `shots` shots per parameter set, nothing else."""
+    (`per_run`). Without mitigation: one circuit of `shots` shots per parameter set, nothing else. Estimates count
+    M3's calibration once per adapter shape in training and once more in evaluation, an upper bound: a run
+    calibrates each qubit set once."""
 
     circuits_per_row: int
     shots_per_row: int
@@ -146,7 +148,7 @@ def estimate(config: QAAConfig, tokens_per_step: int, steps: int, d_in: int, ada
         circuits_per_step=per_step,
         circuits=per_step * steps + cost.circuits_per_run,
         shots=total_shots,
-        primitive_calls=adapters * steps * calls,
+        primitive_calls=jobs,  # M3's calibration job included
         note="; ".join(notes),
         qpu_seconds=qpu_floor(total_shots, jobs) if device else 0.0,
         runtime_jobs=jobs if device else 0,
@@ -211,7 +213,7 @@ def forward_estimate(config: QAAConfig, widths: Widths, calls: list[int]) -> Est
                 circuits_per_step=0,
                 circuits=tokens * cost.circuits_per_row + primitive * cost.circuits_per_call + cost.circuits_per_run,
                 shots=shots,
-                primitive_calls=primitive,
+                primitive_calls=jobs,
                 note="",
                 qpu_seconds=qpu_floor(shots, jobs) if device else 0.0,
                 runtime_jobs=jobs if device else 0,
