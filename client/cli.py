@@ -13,7 +13,6 @@ import csv
 import sys
 from collections.abc import Iterator
 from enum import StrEnum
-from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, NoReturn
 
@@ -24,6 +23,7 @@ from client import compare as comparing
 from client import config, render
 from client.api import ApiClient, ApiError, AuthRefused, Unreachable
 from client.spec_file import SpecFileError, apply_overrides, evaluate_spec, load_spec, local_dataset
+from client.version import add_version_option
 from client.watch import follow, watch_live
 
 EXIT_JOB_FAILED = 1
@@ -41,17 +41,7 @@ app = typer.Typer(
 )
 
 
-def _print_version(value: bool) -> None:
-    if value:
-        typer.echo(f"qaa-client {metadata.version('qaa-service')}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _options(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version."),
-) -> None:
-    pass
+add_version_option(app, "qaa-client")
 
 
 class Output(StrEnum):
@@ -164,14 +154,7 @@ def submit(
             uploaded = api.upload_dataset(dataset)
             spec["dataset"] = uploaded["id"]
             note(output, f"uploaded {dataset} as {uploaded['id']} ({uploaded['rows']} examples)")
-        job = api.submit_job(spec)
-        if not watch:
-            show(output, job, job["id"])
-            note(output, f"job {job['id']} queued on {job['queue']}; follow it with: qaa-client watch {job['id']}")
-            return
-        if output is Output.text:
-            render.console().print(job["id"])
-        job = _watch(api, job["id"], interval, output)
+        job = _submit(api, spec, watch, interval, output)
     exit_for(job)
 
 
@@ -203,16 +186,7 @@ def evaluate(
             spec = apply_overrides(spec, set_ or [])
         except SpecFileError as exc:
             fail(EXIT_USAGE, str(exc), output)
-        job = api.submit_job(spec)
-        if not watch:
-            show(output, job, job["id"])
-            note(
-                output, f"evaluation {job['id']} queued on {job['queue']}; follow it with: qaa-client watch {job['id']}"
-            )
-            return
-        if output is Output.text:
-            render.console().print(job["id"])
-        job = _watch(api, job["id"], interval, output)
+        job = _submit(api, spec, watch, interval, output)
     exit_for(job)
 
 
@@ -228,6 +202,18 @@ def watch(
     with connected(url, api_key, output) as api:
         job = _watch(api, job_id, interval, output)
     exit_for(job)
+
+
+def _submit(api: ApiClient, spec: dict[str, Any], watch: bool, interval: float, output: Output) -> dict[str, Any]:
+    """Submit `spec`; with `watch`, follow the job to its end. Returns the job as last seen."""
+    job = api.submit_job(spec)
+    if not watch:
+        show(output, job, job["id"])
+        note(output, f"job {job['id']} queued on {job['queue']}; follow it with: qaa-client watch {job['id']}")
+        return job
+    if output is Output.text:
+        render.console().print(job["id"])
+    return _watch(api, job["id"], interval, output)
 
 
 def _watch(api: ApiClient, job_id: str, interval: float, output: Output) -> dict[str, Any]:

@@ -89,6 +89,23 @@ def test_the_mitigation_table_is_the_one_the_benchmark_wrote():
     assert {"none", "m3", "twirling+trex", "zne", "zne+trex"} <= {m for _, _, m in rows}
 
 
+def test_the_hardware_gap_tables_are_the_ones_the_study_wrote():
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("hardware_gap_study", REPO / "benchmarks" / "hardware_gap.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    record = json.loads((REPO / "benchmarks" / "results" / "hardware_gap.json").read_text())
+    assert study.markdown(record) in README
+    # the example a user starts from is the configuration the study chose and measured
+    example = yaml.safe_load((REPO / record["spec"]).read_text())
+    assert example["method"] == record["method"]
+    assert {r["backend"] for r in record["rows"]} == {"FakeManilaV2", "FakeTorino"}
+    assert {r["mitigation"] for r in record["rows"]} == {"none", "m3", "zne"}
+
+
 def test_the_hardware_table_is_the_one_the_benchmark_wrote():
     import importlib.util
 

@@ -8,26 +8,16 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from importlib import metadata
 
 import typer
 
+from client.version import add_version_option
 from service.queueing import QUEUES
 
 app = typer.Typer(help="QAA training service: server-side commands.", no_args_is_help=True)
 
 
-def _print_version(value: bool) -> None:
-    if value:
-        typer.echo(f"qaa {metadata.version('qaa-service')}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _options(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version."),
-) -> None:
-    pass
+add_version_option(app, "qaa")
 
 
 keys = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
