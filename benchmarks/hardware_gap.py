@@ -11,7 +11,9 @@ One adapter (one set of weights) follows the path a user with a device takes, th
    same weights on exact and on the device, and the shots it took;
 3. fine-tune it a few steps on FakeManilaV2 (`init_from`, parameter-shift, noise-aware) and evaluate it there again.
 
-    python benchmarks/hardware_gap.py        # writes benchmarks/results/hardware_gap.json (about an hour on 2 cores)
+    python benchmarks/hardware_gap.py        # writes benchmarks/results/hardware_gap.json
+
+About 100 minutes on 2 cores; an interrupted run resumes from the rows it finished (`.bench-hardware-gap/`).
 """
 
 from __future__ import annotations
