@@ -18,7 +18,6 @@ About 100 minutes on 2 cores; an interrupted run resumes from the rows it finish
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -31,6 +30,7 @@ from client.spec_file import evaluate_spec, load_spec  # noqa: E402
 from service.admission import ADAPTER_FILES, SourceAdapter  # noqa: E402
 from service.spec import parse_spec  # noqa: E402
 from workers.bench import PUBLISHED  # noqa: E402
+from workers.tasks import file_digest  # noqa: E402
 from workers.trainer import TrainingHooks, train  # noqa: E402
 
 SPEC = ROOT / "examples" / "qaa-hardware.yaml"
@@ -67,11 +67,9 @@ def _hooks() -> TrainingHooks:
 
 
 def _source(job_id: str, run_dir: Path) -> SourceAdapter:
-    files = {}
-    for name in ADAPTER_FILES:
-        path = run_dir / name
-        files[name] = (str(path), hashlib.sha256(path.read_bytes()).hexdigest())
-    return SourceAdapter(job_id, files)
+    return SourceAdapter(
+        job_id, {name: (str(run_dir / name), file_digest(run_dir / name)[1]) for name in ADAPTER_FILES}
+    )
 
 
 def _trained_spec(overrides: dict) -> dict:

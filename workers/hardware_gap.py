@@ -9,7 +9,6 @@ scores of the generations. Inference only: no parameter shifts run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -46,12 +45,12 @@ class _Recorder:
 def load_source(model: torch.nn.Module, files: dict[str, tuple[str, str]], job_id: str) -> None:
     """Copy the saved adapter of job `job_id` (`service.admission.SourceAdapter.files`) into `model`'s adapters,
     after checking each file against the digest recorded when it was saved."""
+    from workers.tasks import file_digest
     from workers.trainer import JobError
 
     paths = []
     for name, (path, sha256) in files.items():
-        data = Path(path).read_bytes()
-        if hashlib.sha256(data).hexdigest() != sha256:
+        if file_digest(Path(path))[1] != sha256:
             raise JobError(f"{name} of job {job_id} changed since the job saved it (sha256 mismatch); not loaded")
         paths.append(Path(path))
     try:
