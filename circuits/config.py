@@ -88,7 +88,8 @@ class Mitigation(BaseModel):
     Sampler; `readout: trex`, `twirling` and `zne` run the circuits through qiskit-ibm-runtime's executor-based
     Estimator, which twirls, folds and post-processes on the client, so the same lines act on a fake backend
     locally and on a device. M3 and the Estimator's options do not combine (M3 corrects counts the Estimator
-    never returns): pair `zne` with `readout: trex`.
+    never returns): pair `zne` with `readout: trex`. `dynamical_decoupling` pads each qubit's idle windows with
+    the named pulse sequence, by the primitives' own client-side pass, with either primitive.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -102,6 +103,9 @@ class Mitigation(BaseModel):
         description="Twirling randomizations per parameter set; auto = the runtime's rule (shots / max(64, shots/32)).",
     )
     zne: ZNE | None = Field(None, description="Zero-noise extrapolation; null for none.")
+    dynamical_decoupling: Literal["none", "XX", "XpXm", "XY4"] = Field(
+        "none", description="Dynamical decoupling: the pulse sequence put in each qubit's idle windows, or none."
+    )
     calibration_shots: int = Field(
         4096, ge=64, le=100_000, description="m3: shots of the readout calibration (balanced, once per qubit set)."
     )
@@ -128,7 +132,7 @@ class Mitigation(BaseModel):
 
     @property
     def active(self) -> bool:
-        return self.readout != "none" or self.twirling or self.zne is not None
+        return self.readout != "none" or self.twirling or self.zne is not None or self.dynamical_decoupling != "none"
 
 
 class QAAConfig(BaseModel):

@@ -5,7 +5,9 @@ twirls, folds gates and post-processes on the client: the same code acts on a fa
 and on a device (the runtime's server-side options would be ignored locally). `readout: m3` keeps the Sampler and
 corrects each parameter set's counts with mthree, calibrated once per run and qubit set on the backend the
 circuit runs on (locally the compact simulator, which carries the noise of the circuit's physical qubits).
-The costs are priced from the same config in `cost_estimate.overhead`.
+`dynamical_decoupling` is either primitive's client-side pass, scheduled with the durations of the physical
+qubits (locally the compact simulator's target carries them, and its noise model relaxes the qubits during the
+delays). The costs are priced from the same config in `cost_estimate.overhead`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def estimator_options(mitigation: Mitigation, primitive_options: dict) -> dict:
             "noise_factors": list(mitigation.zne.noise_factors),
             "extrapolator": mitigation.zne.extrapolator,
         }
+    _decouple(options, mitigation)
     options.update(
         resilience_level=0,
         resilience=resilience,
@@ -53,7 +56,15 @@ def sampler_options(mitigation: Mitigation | None, primitive_options: dict) -> d
             "enable_measure": False,
             "num_randomizations": mitigation.randomizations,
         }
+    if mitigation is not None:
+        _decouple(options, mitigation)
     return options or None
+
+
+def _decouple(options: dict, mitigation: Mitigation) -> None:
+    """Dynamical decoupling, applied by either primitive's client-side pass (it needs the target's durations)."""
+    if mitigation.dynamical_decoupling != "none":
+        options["dynamical_decoupling"] = {"enable": True, "sequence_type": mitigation.dynamical_decoupling}
 
 
 def unmeasured(isa: QuantumCircuit) -> QuantumCircuit:

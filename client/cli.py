@@ -163,7 +163,8 @@ def evaluate(
     job_id: Annotated[str, typer.Argument(help="A succeeded QAA job whose adapter to evaluate.", show_default=False)],
     backend: Annotated[str, typer.Option("--backend", help="Where to run it: fake:<Name>, ibm:<name>, aer.")],
     mitigation: Annotated[
-        list[str] | None, typer.Option("--mitigation", help="m3, trex, twirling or zne (repeatable).")
+        list[str] | None,
+        typer.Option("--mitigation", help="m3, trex, twirling, zne or dd (XY4 decoupling); repeatable."),
     ] = None,
     shots: Annotated[
         int | None, typer.Option("--shots", min=1, help="Shots per circuit (default: the backend's).")

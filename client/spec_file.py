@@ -101,6 +101,7 @@ MITIGATION_FLAGS = {
     "trex": {"readout": "trex"},
     "twirling": {"twirling": True},
     "zne": {"zne": {}},
+    "dd": {"dynamical_decoupling": "XY4"},
 }
 
 

@@ -294,7 +294,8 @@ class QuantumOptions(_Strict):
     )
     mitigation: Mitigation | None = Field(
         None,
-        description="fake:/ibm: only; error mitigation: readout (m3 | trex), twirling, zne, priced in the estimate.",
+        description="fake:/ibm: only; error mitigation: readout (m3 | trex), twirling, zne, dynamical decoupling, "
+        "priced in the estimate.",
     )
     device: Literal["CPU", "GPU"] | None = Field(None, description="Aer only; CPU when unset.")
     method: AerMethod | None = Field(None, description="Aer only; chosen by cost when unset.")
@@ -359,6 +360,11 @@ class QuantumOptions(_Strict):
             raise ValueError(
                 "this mitigation sets the twirling options itself: set twirling in quantum.mitigation, "
                 "not both there and in primitive_options.twirling"
+            )
+        if v is not None and v.dynamical_decoupling != "none" and options and options.dynamical_decoupling:
+            raise ValueError(
+                "dynamical decoupling is set in quantum.mitigation: not both there and in "
+                "primitive_options.dynamical_decoupling"
             )
         return v
 

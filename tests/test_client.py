@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from client import compare, config, render
 from client.cli import app
-from client.spec_file import SpecFileError, apply_overrides, load_spec, local_dataset
+from client.spec_file import MITIGATION_FLAGS, SpecFileError, apply_overrides, evaluate_spec, load_spec, local_dataset
 from service.spec import parse_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,6 +120,19 @@ def test_malformed_overrides_name_the_problem(assignment, message):
     with pytest.raises(SpecFileError) as err:
         apply_overrides({"training": {"steps": 200}}, [assignment])
     assert message in str(err.value)
+
+
+def test_each_mitigation_flag_makes_a_valid_evaluate_spec():
+    trained = load_spec(REPO / "examples" / "qaa-hardware.yaml")
+    for word in MITIGATION_FLAGS:
+        spec = evaluate_spec(trained, "job_" + "a" * 32, "fake:FakeTorino", shots=512, mitigation=[word], samples=2)
+        assert parse_spec(spec).quantum.mitigation.active, word
+    spec = evaluate_spec(
+        trained, "job_" + "a" * 32, "fake:FakeTorino", shots=None, mitigation=["m3", "dd"], samples=None
+    )
+    assert spec["quantum"]["mitigation"] == {"readout": "m3", "dynamical_decoupling": "XY4"}
+    with pytest.raises(SpecFileError, match="m3, trex, twirling, zne, dd; got 'pec'"):
+        evaluate_spec(trained, "job_x", "fake:FakeTorino", shots=None, mitigation=["pec"], samples=None)
 
 
 def test_local_dataset_only_for_existing_files(tmp_path, monkeypatch):

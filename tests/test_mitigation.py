@@ -85,6 +85,41 @@ def test_each_option_changes_the_readout_and_is_counted_as_priced(inputs, unmiti
     assert usage.shots == INPUTS * cost.shots_per_row + cost.shots_per_call + cost.shots_per_run
 
 
+@pytest.mark.parametrize(
+    "mitigation", [{"dynamical_decoupling": "XY4"}, {"readout": "trex", "dynamical_decoupling": "XX"}]
+)
+def test_dynamical_decoupling_pads_the_schedule_on_the_device_durations(inputs, unmitigated, mitigation):
+    """The primitives' client-side DD pass schedules the circuit with the physical qubits' durations (the compact
+    simulator's target carries them) and the noise model relaxes the qubits during the delays it inserts: the
+    readout moves. Aer's relaxation is Markovian, which no pulse sequence refocuses, so locally DD is not expected
+    to help; on a device it also acts on coherent idle errors (crosstalk), which fake noise models lack."""
+    cfg = config(mitigation)
+    values, usage = readout(cfg, inputs)
+    base_values, base_error = unmitigated
+    assert np.abs(values - base_values).mean() > 0.01  # the seeded shots are the same: the circuit changed
+    assert float(np.abs(values - inputs[2]).mean()) <= base_error + 0.05  # idle relaxation, not a broken circuit
+    cost = overhead(cfg, N)
+    assert usage.circuits == INPUTS * cost.circuits_per_row + cost.circuits_per_call  # DD adds no circuit
+    if "readout" not in mitigation:  # the same pass through primitive_options: the same result
+        sequence = mitigation["dynamical_decoupling"]
+        options = {"dynamical_decoupling": {"enable": True, "sequence_type": sequence}}
+        passed_through, _ = readout(config(None, primitive_options=options), inputs)
+        np.testing.assert_allclose(passed_through, values)
+
+
+def test_the_compact_simulator_keeps_the_device_durations_of_its_qubits():
+    from qiskit_ibm_runtime.fake_provider import FakeManilaV2
+
+    from circuits.noise_cache import compact_target
+
+    device = FakeManilaV2()
+    target = compact_target(device.target, [3, 1, 2])
+    assert target.num_qubits == 3 and target.dt == device.target.dt
+    assert target["sx"][(0,)] == device.target["sx"][(3,)]
+    assert set(target["cx"]) == {(1, 2), (2, 1), (2, 0), (0, 2)}  # 1-2 and 2-3 of the device, renumbered
+    assert target["cx"][(2, 0)].duration == device.target["cx"][(2, 3)].duration
+
+
 def test_the_estimate_prices_each_option_and_the_training_step_costs_what_it_said():
     # twirling: each parameter set runs as its randomizations (4096 shots: 32 x 128 by the runtime's rule)
     assert twirl_shape(4096, "auto") == (32, 128) and twirl_shape(1000, 8) == (8, 125)
@@ -146,6 +181,15 @@ def test_budgets_apply_to_the_mitigated_figures():
             },
             "not both",
         ),
+        (
+            {
+                "backend": "fake:FakeManilaV2",
+                "mitigation": {"dynamical_decoupling": "XX"},
+                "primitive_options": {"dynamical_decoupling": {"enable": True}},
+            },
+            "not both",
+        ),
+        ({"backend": "fake:FakeManilaV2", "mitigation": {"dynamical_decoupling": "CPMG"}}, "'XpXm' or 'XY4'"),
     ],
 )
 def test_mitigation_that_cannot_act_is_refused(quantum, message):

@@ -85,14 +85,18 @@ class RuntimeRunner:
         """Prepare to run `isa`: locally, its simulator (built once per ISA circuit)."""
         if not self.local or id(isa) in self._local:
             return
-        from ..noise_cache import noise_model
+        from ..noise_cache import compact_target, noise_model
         from .aer import choose_method, tuned_options
         from .prefix import MAX_SHARED_WIDTH
 
-        model = noise_model(self.device, self.device.name, self.stamp, isa.metadata["qaa_physical"], self.env.cache_dir)
+        physical = isa.metadata["qaa_physical"]
+        model = noise_model(self.device, self.device.name, self.stamp, physical, self.env.cache_dir)
         method = self.config.method or choose_method(isa.num_qubits, self.shots, direct=False)
         tuned = tuned_options(method, False, isa.num_qubits, self.config.device)
-        simulator = self.local_simulator(noise_model=model, method=method, device=self.config.device, **tuned)
+        target = compact_target(self.device.target, physical)  # the durations the primitives' scheduling needs
+        simulator = self.local_simulator(
+            noise_model=model, target=target, method=method, device=self.config.device, **tuned
+        )
         # runtime options (twirling, dynamical decoupling) rewrite the whole circuit, the prefix included
         shares = (
             method == "density_matrix"
