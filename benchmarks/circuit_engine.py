@@ -44,7 +44,7 @@ def _layer(n: int, **options) -> tuple[QAALayer, float]:
     start = time.perf_counter()
     layer = QAALayer(nn.Linear(2**n, 2**n), QAAConfig(layers=LAYERS, input_grad="none", **options), name="q_proj")
     with torch.no_grad():
-        layer.up.weight.normal_(std=0.1)
+        layer.adapter().up.weight.normal_(std=0.1)
     return layer, time.perf_counter() - start
 
 
@@ -96,7 +96,7 @@ def main() -> None:
     ours, build = _layer(N, backend="aer", gradient="parameter-shift")
     result["ours_seconds"] = _step_seconds(ours, x)
     result["ours_build_seconds"] = build
-    used = ours.engine.usage
+    used = ours.adapter().engine.usage
     steps = 4  # warm-up + 3 timed
     result["circuits_per_step"] = used.circuits // steps
     result["primitive_calls_per_step"] = used.primitive_calls / steps
@@ -106,7 +106,7 @@ def main() -> None:
     exact, _ = _layer(N)
     result["exact_seconds"] = _step_seconds(exact, x, repeats=10)
 
-    peer = _peer_seconds(x, ours.engine.runner.simulator(ours.engine.isa))
+    peer = _peer_seconds(x, ours.adapter().engine.runner.simulator(ours.adapter().engine.isa))
     result["peer_seconds"] = peer * M / PEER_INPUTS
     result["peer_note"] = (
         f"timed on {PEER_INPUTS} of {M} inputs ({peer:.1f} s) and scaled linearly: the peer "
@@ -118,17 +118,17 @@ def main() -> None:
     noisy, build = _layer(N, backend="fake:FakeBrisbane", gradient="parameter-shift")
     result["noisy_build_seconds"] = build
     result["noisy_seconds"] = _step_seconds(noisy, x, repeats=2)
-    result["noisy_shots"] = noisy.config.effective_shots()
-    result["noisy_width"] = noisy.engine.isa.num_qubits
-    result["noisy_method"] = noisy.engine.runner.simulator(noisy.engine.isa).options.method
-    split = noisy.engine.split
-    result["noisy_gates_whole"] = len(noisy.engine.isa.data)
+    result["noisy_shots"] = noisy.adapter().config.effective_shots()
+    result["noisy_width"] = noisy.adapter().engine.isa.num_qubits
+    result["noisy_method"] = noisy.adapter().engine.runner.simulator(noisy.adapter().engine.isa).options.method
+    split = noisy.adapter().engine.split
+    result["noisy_gates_whole"] = len(noisy.adapter().engine.isa.data)
     result["noisy_gates_per_row"] = None if split is None else len(split.suffix.data)
-    sampled, _ = _layer(N, backend="aer", gradient="parameter-shift", shots=noisy.config.effective_shots())
+    sampled, _ = _layer(N, backend="aer", gradient="parameter-shift", shots=noisy.adapter().config.effective_shots())
     result["noiseless_sampled_seconds"] = _step_seconds(sampled, x, repeats=2)
-    noisy.engine.split = None  # every circuit simulated whole: what sharing the preparation saves
+    noisy.adapter().engine.split = None  # every circuit simulated whole: what sharing the preparation saves
     result["noisy_unshared_seconds"] = _step_seconds(noisy, x, repeats=1)
-    noisy.engine.split = split
+    noisy.adapter().engine.split = split
     result["noisy_over_noiseless"] = result["noisy_seconds"] / result["noiseless_sampled_seconds"]
     result["noisy_unshared_over_noiseless"] = result["noisy_unshared_seconds"] / result["noiseless_sampled_seconds"]
     result["noisy_over_ours"] = result["noisy_seconds"] / result["ours_seconds"]

@@ -74,15 +74,15 @@ def scaling(qubits: range, tokens: int = 256) -> dict[str, float]:
     import torch
     from torch import nn
 
-    from circuits import QAAConfig, QAALayer
+    from circuits import QAAAdapter, QAAConfig, QAALayer
 
     out = {}
     for n in qubits:
-        layer = QAALayer(nn.Linear(2**n, 2**n), QAAConfig(layers=2))
+        layer = QAALayer(nn.Linear(2**n, 2**n), QAAConfig(layers=2)).adapter()
         nn.init.normal_(layer.up.weight, std=0.01)
         x = torch.randn(tokens, 2**n, requires_grad=True)
 
-        def adapter_step(layer: QAALayer = layer, x: torch.Tensor = x) -> None:
+        def adapter_step(layer: QAAAdapter = layer, x: torch.Tensor = x) -> None:
             layer.up(layer.engine(layer.adapter_input(x), layer.theta)).sum().backward()
 
         for _ in range(2):

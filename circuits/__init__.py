@@ -1,22 +1,25 @@
 """The quantum layer of the QAA service: config, ansatz, engines, adapters.
 
-Torch and qiskit load lazily, so `circuits.QAAConfig` and `circuits.estimate` stay cheap to import (the API
-process
-validates specs with them).
+Torch, PEFT and qiskit load lazily, so `circuits.QAAConfig` and `circuits.estimate` stay cheap to import (the API
+process validates specs with them). `circuits.QAAPeftConfig` (or `import circuits.tuner`) registers QAA with PEFT.
 """
 
 from importlib import import_module
 
-from .config import QAAConfig
+from .config import QAAConfig, QAAShape
 from .execution import Execution, execution
 
 _LAZY = {
     "QAALayer": ".layer",
+    "QAAAdapter": ".layer",
+    "QAAPeftConfig": ".tuner",
+    "QAAModel": ".tuner",
     "inject_qaa": ".inject",
     "save_qaa": ".inject",
     "load_qaa": ".inject",
     "trainable_summary": ".inject",
-    "qaa_layers": ".inject",
+    "qaa_adapters": ".inject",
+    "adapter_state_dict": ".inject",
     "estimate": ".cost_estimate",
     "check_budget": ".cost_estimate",
     "usage": ".accounting",
@@ -24,7 +27,7 @@ _LAZY = {
     "list_backends": ".backends",
 }
 
-__all__ = ["Execution", "QAAConfig", "execution", *_LAZY]
+__all__ = ["Execution", "QAAConfig", "QAAShape", "execution", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -33,7 +33,7 @@ def entangler_pairs(n: int, entangler: str) -> list[tuple[int, int]]:
 
 
 def ansatz_gates(n: int, layers: int, entangler: str) -> list[Gate]:
-    """U(theta) of DESIGN.md: per layer RY(theta[l*2n+2i]) then RZ(theta[l*2n+2i+1]) on every qubit, then the
+    """U(theta) of docs/qaa.md: per layer RY(theta[l*2n+2i]) then RZ(theta[l*2n+2i+1]) on every qubit, then the
     entangler; after the last layer RY(theta[2Ln+i]) on every qubit. P = 2Ln + n parameters."""
     gates: list[Gate] = []
     for layer in range(layers):

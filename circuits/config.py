@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import re2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -39,7 +39,7 @@ EXECUTION_FIELDS = (
     "embedding",
     "optimization_level",
     "device",
-    "method",
+    "aer_method",
     "noise",
     "spsa_samples",
     "ibm_mode",
@@ -135,8 +135,52 @@ class Mitigation(BaseModel):
         return self.readout != "none" or self.twirling or self.zne is not None or self.dynamical_decoupling != "none"
 
 
-class QAAConfig(BaseModel):
-    """Configuration of QAA adapters, as in PEFT's `LoraConfig`.
+class QAAShape(BaseModel):
+    """What a QAA adapter is: the shape and meaning of its weights, not where its circuits run.
+
+    One model, used as the job spec's `method` block (`service.spec.QAAMethod`), as QAA's PEFT config
+    (`circuits.tuner.QAAPeftConfig`, whose fields are generated from these) and as the first half of
+    `QAAConfig`: one set of fields, defaults, bounds and error messages.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="Module-name suffixes, or one regex (RE2 syntax) matched against the full name (as in PEFT).",
+    )
+    qubits: Literal["auto"] | int = Field(
+        "auto", description=f"Register size n: ceil(log2 d_in) with `auto`, or 1..{MAX_EXACT_QUBITS}."
+    )
+    layers: int = Field(2, ge=1, le=32, description="Ansatz layers L (each: RY and RZ on every qubit, then CNOTs).")
+    entangler: Entangler = Field("ring", description="CNOT pattern of each layer: ring, linear or none.")
+    readout: Readout = Field(
+        "expval", description="What is measured: <Z_i> (n values), plus <Z_i Z_i+1> (expval+zz), or all 2^n probs."
+    )
+    compress: Compress = Field(
+        "none",
+        description="How d_in maps onto 2^n amplitudes when 2^n < d_in: a fixed orthonormal map or a learned one.",
+    )
+    alpha: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False, description="Fixed scale of the adapter's update.")
+
+    @field_validator("qubits", mode="before")
+    @classmethod
+    def _qubits_auto_or_bounded(cls, v: Any) -> Any:
+        # One readable message instead of pydantic's two-branch union error.
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_EXACT_QUBITS):
+            return v
+        raise ValueError(f"qubits must be 'auto' or an integer between 1 and {MAX_EXACT_QUBITS}, got {v!r}")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_valid(cls, v: list[str] | str) -> list[str] | str:
+        return check_target_modules(v)
+
+
+class QAAConfig(QAAShape):
+    """An adapter's shape (`QAAShape`) and where and how its circuits run: what engines and runners take.
+
+    The execution fields (`EXECUTION_FIELDS`) belong to a run (`circuits.execution`), never to a saved adapter.
 
     Example:
         >>> cfg = QAAConfig(target_modules=["q_proj", "v_proj"], layers=2)
@@ -146,21 +190,6 @@ class QAAConfig(BaseModel):
         50
     """
 
-    model_config = ConfigDict(extra="forbid")
-
-    target_modules: list[str] | str = Field(
-        default_factory=lambda: ["q_proj", "v_proj"],
-        description="Module-name suffixes, or one regex matched against the full module name (as in PEFT).",
-    )
-    qubits: Literal["auto"] | int = Field("auto", description="ceil(log2 d_in) with `auto`, or a fixed register size.")
-    layers: int = Field(2, ge=1, le=32, description="Ansatz layers L.")
-    entangler: Entangler = "ring"
-    readout: Readout = "expval"
-    compress: Compress = Field(
-        "none",
-        description="How d_in maps onto 2^n amplitudes when 2^n < d_in: a fixed orthonormal map or a learned one.",
-    )
-    alpha: float = Field(1.0, description="Fixed scale of the adapter's update.")
     backend: str = Field("exact", description="exact | aer | fake:<FakeBackend> | ibm:<backend>.")
     gradient: Gradient = "exact"
     seed: int = Field(0, ge=0, description="Seeds theta's initialisation and the fixed compression matrix.")
@@ -177,7 +206,7 @@ class QAAConfig(BaseModel):
     )
     optimization_level: int = Field(1, ge=0, le=3)
     device: Literal["CPU", "GPU"] = "CPU"
-    method: str | None = Field(None, description="Aer simulation method; chosen by cost when unset.")
+    aer_method: str | None = Field(None, description="Aer simulation method; chosen by cost when unset.")
     noise: str | None = Field(None, description="Name of a fake IBM backend whose noise model Aer applies.")
     spsa_samples: int = Field(1, ge=1, le=100)
     ibm_mode: Literal["batch", "session", "job"] = Field(
@@ -196,18 +225,6 @@ class QAAConfig(BaseModel):
     max_shots: int | None = Field(None, ge=1, description="Budget on total shots, checked like max_circuits.")
     max_qpu_seconds: float | None = Field(None, gt=0, description="Budget on the estimated QPU seconds (high end).")
     min_esp: float | None = Field(None, gt=0, le=1, description="Refuse a run whose circuits' ESP is lower.")
-
-    @field_validator("qubits")
-    @classmethod
-    def _qubits_in_range(cls, v: Literal["auto"] | int) -> Literal["auto"] | int:
-        if v != "auto" and not 1 <= v <= MAX_EXACT_QUBITS:
-            raise ValueError(f"qubits must be 'auto' or between 1 and {MAX_EXACT_QUBITS}, got {v}")
-        return v
-
-    @field_validator("target_modules")
-    @classmethod
-    def _targets_valid(cls, v: list[str] | str) -> list[str] | str:
-        return check_target_modules(v)
 
     @model_validator(mode="after")
     def _gradient_fits_backend(self) -> QAAConfig:

@@ -53,12 +53,13 @@ class Execution:
     """The context `execution()` returns: `usage` (what the run sent), `runtime_job_ids`, `cancel()`."""
 
     def __init__(self, model: nn.Module, config: QAAConfig | None = None, runner=None):
-        from .inject import qaa_layers
+        from .inject import qaa_adapters
 
-        self.layers = qaa_layers(model)
+        self.layers = qaa_adapters(model)
         if not self.layers:
             raise ValueError("the model has no QAA adapters to bind (inject_qaa or load_qaa first)")
-        self.config = config or model.qaa_config
+        # `inject_qaa` keeps the config it was given; a PEFT model's adapters run on the exact engine by default
+        self.config = config or getattr(model, "qaa_config", None) or QAAConfig()
         self.runner = runner  # None: made from `config` on entry
         self._previous: dict[str, object] = {}
         self._engines: list[object] = []

@@ -1,4 +1,4 @@
-"""A small typed wrapper over the service's `/v1` HTTP API (DESIGN.md, "Service API").
+"""A small typed wrapper over the service's `/v1` HTTP API (README, "API summary").
 
 Every failure becomes one of three exceptions that the CLI maps to exit codes: `Unreachable` (no answer),
 `AuthRefused` (401/403) and `ApiError` (any other error answer, carrying the problem+json body, whose

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -32,13 +33,11 @@ from pydantic import (
 )
 
 from circuits.config import (
-    MAX_EXACT_QUBITS,
-    Compress,
-    Entangler,
+    EXECUTION_FIELDS,
     Gradient,
     Mitigation,
     QAAConfig,
-    Readout,
+    QAAShape,
     check_target_modules,
 )
 
@@ -150,25 +149,13 @@ TargetModules = Annotated[
 ]
 
 
-class QAAMethod(_Strict):
-    """QAA adapters; the fields and their meaning are those of `circuits.config.QAAConfig`."""
+class QAAMethod(QAAShape):
+    """QAA adapters. The fields, defaults and validators are `circuits.config.QAAShape`'s: the same model QAA's
+    PEFT config is generated from, so the spec's method block is the adapter's config."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     kind: Literal["qaa"] = "qaa"
-    target_modules: TargetModules = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    qubits: Literal["auto"] | int = Field("auto", description="ceil(log2 d_in) with `auto`, or 1..16.")
-    layers: int = Field(2, ge=1, le=32)
-    entangler: Entangler = "ring"
-    readout: Readout = "expval"
-    compress: Compress = "none"
-    alpha: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False)
-
-    @field_validator("qubits", mode="before")
-    @classmethod
-    def _qubits_auto_or_bounded(cls, v: Any) -> Any:
-        # One readable message instead of pydantic's two-branch union error.
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_EXACT_QUBITS):
-            return v
-        raise ValueError(f"qubits must be 'auto' or an integer between 1 and {MAX_EXACT_QUBITS}, got {v!r}")
 
 
 class LoRAMethod(_Strict):
@@ -298,7 +285,11 @@ class QuantumOptions(_Strict):
         "priced in the estimate.",
     )
     device: Literal["CPU", "GPU"] | None = Field(None, description="Aer only; CPU when unset.")
-    method: AerMethod | None = Field(None, description="Aer only; chosen by cost when unset.")
+    aer_method: AerMethod | None = Field(
+        None,
+        validation_alias=AliasChoices("aer_method", "method"),  # `method` in specs written before the rename
+        description="Aer only: the simulation method; chosen by cost when unset.",
+    )
     noise: str | None = Field(None, description="Aer only: a fake IBM backend whose noise model Aer applies.")
 
     @field_validator("backend")
@@ -376,7 +367,7 @@ class QuantumOptions(_Strict):
             raise ValueError(f"{info.field_name} applies to fake: and ibm: backends only, not {backend!r}")
         return v
 
-    @field_validator("device", "method", "noise")
+    @field_validator("device", "aer_method", "noise")
     @classmethod
     def _aer_only(cls, v: Any, info: ValidationInfo) -> Any:
         backend = info.data.get("backend")
@@ -555,49 +546,12 @@ def _loads_qaa(v: str | None, info: ValidationInfo) -> str | None:
 
 
 def to_qaa_config(method: QAAMethod, quantum: QuantumOptions, *, seed: int = 0) -> QAAConfig:
-    """Merge the adapter shape (`method`) and the execution path (`quantum`) into one `QAAConfig`.
-
-    Options left unset in the spec (`device`, `ibm_mode`, `primitive_options`, `job_timeout_s`) take QAAConfig's
-    defaults.
-    """
-    optional = {
-        key: value
-        for key, value in (
-            ("device", quantum.device),
-            ("ibm_mode", quantum.ibm_mode),
-            (
-                "primitive_options",
-                quantum.primitive_options and quantum.primitive_options.model_dump(exclude_unset=True),
-            ),
-            ("job_timeout_s", quantum.job_timeout_s),
-            ("mitigation", quantum.mitigation),
-        )
-        if value is not None
-    }
-    return QAAConfig(
-        target_modules=method.target_modules,
-        qubits=method.qubits,
-        layers=method.layers,
-        entangler=method.entangler,
-        readout=method.readout,
-        compress=method.compress,
-        alpha=method.alpha,
-        backend=quantum.backend,
-        gradient=quantum.gradient,
-        seed=seed,
-        shots=quantum.shots,
-        input_grad=quantum.input_grad,
-        embedding=quantum.embedding,
-        optimization_level=quantum.optimization_level,
-        method=quantum.method,
-        noise=quantum.noise,
-        spsa_samples=quantum.spsa_samples,
-        max_circuits=quantum.max_circuits,
-        max_shots=quantum.max_shots,
-        max_qpu_seconds=quantum.max_qpu_seconds,
-        min_esp=quantum.min_esp,
-        **optional,
-    )
+    """The adapter's shape (`method`, a `QAAShape`) and the execution path (`quantum`) as one `QAAConfig`; what the
+    spec leaves unset takes QAAConfig's defaults."""
+    execution = quantum.model_dump(include=set(EXECUTION_FIELDS), exclude_none=True)
+    if quantum.primitive_options is not None:  # what the user set, not every sub-option's default
+        execution["primitive_options"] = quantum.primitive_options.model_dump(exclude_unset=True)
+    return QAAConfig(**method.model_dump(include=set(QAAShape.model_fields)), **execution, seed=seed)
 
 
 def parse_spec(data: Any) -> JobSpec:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from circuits import QAAConfig, QAALayer, inject_qaa, load_qaa, qaa_layers, save_qaa, trainable_summary
+from circuits import QAAConfig, QAALayer, inject_qaa, load_qaa, qaa_adapters, save_qaa, trainable_summary
 from workers.models import load_model
 
 
@@ -32,7 +32,7 @@ def test_injection_keeps_outputs_and_trains_only_adapters(name: str, targets: li
     batch = _batch(tokenizer, ["a table for two near the river", "cheap food"])
     before = _logits(model, batch)
     inject_qaa(model, QAAConfig(target_modules=targets, layers=2))
-    layers = qaa_layers(model)
+    layers = qaa_adapters(model)
     assert len(layers) == expected
     assert torch.equal(_logits(model, batch), before)  # `up` starts at zero: the adapted model is its base
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -50,9 +50,9 @@ def test_gpt2_conv1d_uses_its_transposed_layout() -> None:
     d_in, d_out = conv.weight.shape
     layer = QAALayer(conv, QAAConfig(layers=1), name="c_attn")
     assert (layer.in_features, layer.out_features) == (d_in, d_out)
-    assert layer.n_qubits == math.ceil(math.log2(d_in))
+    assert layer.adapter().n_qubits == math.ceil(math.log2(d_in))
     with torch.no_grad():
-        layer.up.weight.normal_()
+        layer.adapter().up.weight.normal_()
     x = torch.randn(2, 3, d_in)
     delta = layer(x) - conv(x)
     assert delta.shape == (2, 3, d_out) and delta.abs().max() > 0
@@ -61,7 +61,7 @@ def test_gpt2_conv1d_uses_its_transposed_layout() -> None:
 def test_target_regex_and_unmatched_error() -> None:
     model, _ = load_model("builtin:tiny-llama")
     inject_qaa(model, QAAConfig(target_modules=r".*layers\.0\.self_attn\.(q|v)_proj"))
-    assert sorted(qaa_layers(model)) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    assert sorted(qaa_adapters(model)) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
     fresh, _ = load_model("builtin:tiny-llama")
     with pytest.raises(ValueError, match="matched no module.*q_proj"):
         inject_qaa(fresh, QAAConfig(target_modules=["nonexistent"]))
@@ -73,7 +73,7 @@ def test_save_load_round_trip_is_exact(tmp_path, compress: str) -> None:
     model, tokenizer = load_model("builtin:tiny-llama")
     inject_qaa(model, config)
     with torch.no_grad():
-        for layer in qaa_layers(model).values():
+        for layer in qaa_adapters(model).values():
             layer.up.weight.normal_(0, 0.5)
             layer.theta.add_(0.3)
     batch = _batch(tokenizer, ["Aromi is a coffee shop", "in the city centre"])
@@ -84,13 +84,13 @@ def test_save_load_round_trip_is_exact(tmp_path, compress: str) -> None:
     restored, _ = load_model("builtin:tiny-llama")
     load_qaa(restored, tmp_path)
     assert torch.equal(_logits(restored, batch), trained)
-    assert qaa_layers(restored)["model.layers.0.self_attn.q_proj"].config == config
+    assert qaa_adapters(restored)["model.layers.0.self_attn.q_proj"].config == config
 
 
 def test_zero_input_gives_zero_update() -> None:
     layer = QAALayer(nn.Linear(8, 4), QAAConfig(layers=1))
     with torch.no_grad():
-        layer.up.weight.normal_()
+        layer.adapter().up.weight.normal_()
     x = torch.zeros(3, 8, requires_grad=True)
     out = layer(x)
     assert torch.equal(out, layer.base_layer(x))
@@ -104,7 +104,7 @@ def test_bfloat16_model() -> None:
     batch = _batch(tokenizer, ["bf16 works"])
     out = model(**batch)
     out.loss.backward()
-    layer = next(iter(qaa_layers(model).values()))
+    layer = next(iter(qaa_adapters(model).values()))
     assert layer.up.weight.grad is not None and layer.up.weight.grad.dtype == torch.float32
 
 
@@ -128,9 +128,9 @@ def test_training_lowers_the_loss_like_lora() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model("builtin:tiny-llama")
     inject_qaa(model, QAAConfig(target_modules=["q_proj", "v_proj"], layers=2))
-    theta0 = {n: layer.theta.detach().clone() for n, layer in qaa_layers(model).items()}
+    theta0 = {n: layer.theta.detach().clone() for n, layer in qaa_adapters(model).items()}
     qaa = _train(model, tokenizer)
-    assert all(not torch.equal(layer.theta, theta0[n]) for n, layer in qaa_layers(model).items())
+    assert all(not torch.equal(layer.theta, theta0[n]) for n, layer in qaa_adapters(model).items())
 
     torch.manual_seed(0)
     base, _ = load_model("builtin:tiny-llama")
@@ -145,7 +145,7 @@ def test_smollm2_injection(smollm2_models_dir) -> None:
     batch = _batch(tokenizer, ["The capital of France is Paris."])
     before = _logits(model, batch)
     inject_qaa(model, QAAConfig(target_modules=["q_proj", "v_proj"], layers=2))
-    layers = qaa_layers(model)
+    layers = qaa_adapters(model)
     assert len(layers) == 60
     assert {layer.n_qubits for layer in layers.values()} == {10}  # d_in = 576 -> ceil(log2) = 10
     assert torch.equal(_logits(model, batch), before)

@@ -51,8 +51,8 @@ def test_second_layer_transpiles_nothing():
     config = QAAConfig(layers=1, backend="aer", gradient="parameter-shift", seed=11)
     first = QAALayer(nn.Linear(8, 2), config, name="a")
     second = QAALayer(nn.Linear(8, 2), config, name="b")
-    assert first.engine.usage.transpile_misses + first.engine.usage.transpile_hits == 1
-    assert (second.engine.usage.transpile_misses, second.engine.usage.transpile_hits) == (0, 1)
+    assert first.adapter().engine.usage.transpile_misses + first.adapter().engine.usage.transpile_hits == 1
+    assert (second.adapter().engine.usage.transpile_misses, second.adapter().engine.usage.transpile_hits) == (0, 1)
 
 
 _CHILD = """
@@ -62,7 +62,7 @@ from circuits import QAAConfig, QAALayer
 layer = QAALayer(nn.Linear(16, 2), QAAConfig(layers=2, backend="fake:FakeManilaV2",
 gradient="parameter-shift",
                                                 shots=10, seed=5))
-print(json.dumps(layer.engine.usage.as_dict()))
+print(json.dumps(layer.adapter().engine.usage.as_dict()))
 """
 
 

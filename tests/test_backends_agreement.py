@@ -20,8 +20,8 @@ def _layer_pair(n: int, **options) -> tuple[QAALayer, QAALayer]:
     exact = QAALayer(base, QAAConfig(layers=2), name="q_proj")
     circuit = QAALayer(base, QAAConfig(layers=2, backend="aer", gradient="parameter-shift", **options), name="q_proj")
     with torch.no_grad():
-        exact.up.weight.normal_()
-        circuit.up.weight.copy_(exact.up.weight)
+        exact.adapter().up.weight.normal_()
+        circuit.adapter().up.weight.copy_(exact.adapter().up.weight)
     return exact, circuit
 
 
@@ -29,7 +29,7 @@ def _run(layer: QAALayer, x: torch.Tensor):
     x = x.clone().requires_grad_()
     out = layer(x)
     out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
-    return out.detach(), x.grad, layer.theta.grad, layer.up.weight.grad
+    return out.detach(), x.grad, layer.adapter().theta.grad, layer.adapter().up.weight.grad
 
 
 def _assert_agree(exact: QAALayer, circuit: QAALayer, x: torch.Tensor) -> None:
@@ -54,8 +54,8 @@ def test_every_readout_matches(readout):
         base, QAAConfig(layers=1, readout=readout, backend="aer", gradient="parameter-shift"), name="v_proj"
     )
     with torch.no_grad():
-        exact.up.weight.normal_()
-        circuit.up.weight.copy_(exact.up.weight)
+        exact.adapter().up.weight.normal_()
+        circuit.adapter().up.weight.copy_(exact.adapter().up.weight)
     _assert_agree(exact, circuit, torch.randn(3, 8))
 
 
@@ -70,10 +70,14 @@ def test_padding_and_zero_input_give_no_nan():
     exact = QAALayer(base, QAAConfig(layers=1), name="k")
     circuit = QAALayer(base, QAAConfig(layers=1, backend="aer", gradient="parameter-shift"), name="k")
     with torch.no_grad():
-        exact.up.weight.normal_()
-        circuit.up.weight.copy_(exact.up.weight)
+        exact.adapter().up.weight.normal_()
+        circuit.adapter().up.weight.copy_(exact.adapter().up.weight)
     _assert_agree(exact, circuit, torch.randn(3, 6))
     x = torch.zeros(2, 6, requires_grad=True)
     out = circuit(x)
     out.sum().backward()
-    assert torch.equal(out, base(x)) and torch.isfinite(x.grad).all() and torch.isfinite(circuit.theta.grad).all()
+    assert (
+        torch.equal(out, base(x))
+        and torch.isfinite(x.grad).all()
+        and torch.isfinite(circuit.adapter().theta.grad).all()
+    )

@@ -221,7 +221,7 @@ CASES = [
     pytest.param("POST", "/v1/datasets", JSONL, "eve", {401}, id="expired-upload"),
     pytest.param("GET", "/v1/jobs", None, "junk-key", {401}, id="junk-10k-key"),
     pytest.param("DELETE", "/v1/jobs/{job}", None, "alice", {405}, id="wrong-method"),
-    # Worker-side files: refused at submission, whatever exists (DESIGN: paths are the operator's decision).
+    # Worker-side files: refused at submission, whatever exists (paths are the operator's decision).
     *(
         pytest.param("POST", "/v1/jobs", spec_with(**change), "alice", {422}, id=f"path-{name}")
         for name, change in {

@@ -133,13 +133,13 @@ def test_the_estimate_prices_each_option_and_the_training_step_costs_what_it_sai
     model = nn.Sequential()
     model.add_module("q_proj", nn.Linear(8, 8))
     circuits.inject_qaa(model, cfg)
-    nn.init.normal_(circuits.qaa_layers(model)["q_proj"].up.weight)
+    nn.init.normal_(circuits.qaa_adapters(model)["q_proj"].up.weight)
     with circuits.execution(model) as run:
         model(torch.randn(2, 8, generator=torch.Generator().manual_seed(1))).square().sum().backward()
     est = circuits.estimate(cfg, tokens_per_step=2, steps=1, d_in=8)
     assert run.usage.circuits == est.circuits and run.usage.shots == est.shots
     assert run.usage.primitive_calls == est.runtime_jobs
-    assert circuits.qaa_layers(model)["q_proj"].theta.grad.abs().sum() > 0
+    assert circuits.qaa_adapters(model)["q_proj"].theta.grad.abs().sum() > 0
 
 
 def test_budgets_apply_to_the_mitigated_figures():

@@ -33,7 +33,7 @@ def two_adapter_model(config: QAAConfig) -> nn.Module:
     model.add_module("q_proj", nn.Linear(D_IN, D_IN))
     model.add_module("v_proj", nn.Linear(D_IN, D_IN))
     circuits.inject_qaa(model, config)
-    for layer in circuits.qaa_layers(model).values():
+    for layer in circuits.qaa_adapters(model).values():
         nn.init.normal_(layer.up.weight)  # a non-zero update, so the readout reaches the loss
     return model
 
@@ -73,7 +73,7 @@ def test_a_step_splits_into_runtime_jobs_of_one_batch_counted_like_the_estimate(
     assert run.usage.primitive_calls == est.runtime_jobs == 4
     assert run.usage.shots == est.shots
     assert len(set(run.runtime_job_ids)) == 4 and run.describe()["sessions_closed"] == 1
-    assert all(layer.engine is None for layer in circuits.qaa_layers(model).values())  # unbound after the run
+    assert all(layer.engine is None for layer in circuits.qaa_adapters(model).values())  # unbound after the run
 
 
 def test_the_same_weights_rebind_to_another_backend():

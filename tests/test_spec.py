@@ -22,7 +22,7 @@ from service.spec import (
 
 BASE = {"model": "builtin:tiny-llama", "dataset": "builtin:restaurants"}
 
-# The example of DESIGN.md's "Job spec" section (long comments shortened).
+# The annotated job spec of the design notes (long comments shortened).
 DESIGN_EXAMPLE = """
 name: smollm2-qaa-restaurants          # optional label
 model: builtin:smollm2-135m            # builtin:<name> | a Hugging Face id | a local path
@@ -237,7 +237,7 @@ def test_gradient_rules() -> None:
     assert "needs backend 'exact'" in message
 
 
-@pytest.mark.parametrize("option", [{"device": "GPU"}, {"method": "statevector"}, {"noise": "FakeManilaV2"}])
+@pytest.mark.parametrize("option", [{"device": "GPU"}, {"aer_method": "statevector"}, {"noise": "FakeManilaV2"}])
 def test_aer_options_only_on_aer(option: dict) -> None:
     (field,) = option
     assert spec(quantum={"backend": "aer", **option}).quantum.model_dump()[field] == option[field]
@@ -333,7 +333,7 @@ def test_qaa_config_carries_every_option() -> None:
             "optimization_level": 3,
             "spsa_samples": 4,
             "device": "GPU",
-            "method": "statevector",
+            "aer_method": "statevector",
             "noise": "FakeManilaV2",
         },
         training={"seed": 7},
@@ -355,7 +355,7 @@ def test_qaa_config_carries_every_option() -> None:
         embedding="direct",
         optimization_level=3,
         device="GPU",
-        method="statevector",
+        aer_method="statevector",
         noise="FakeManilaV2",
         spsa_samples=4,
         max_circuits=10_000_000,

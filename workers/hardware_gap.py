@@ -75,7 +75,7 @@ def evaluate(spec: JobSpec, run_dir: Path, hooks: Any, model: torch.nn.Module, t
     with circuits.execution(model, config) as run:
         if hooks.started is not None:
             hooks.started(run)
-        layers = circuits.qaa_layers(model)
+        layers = circuits.qaa_adapters(model)
         recorders = {name: _Recorder(layer.engine) for name, layer in layers.items()}
         for name, layer in layers.items():
             layer.engine = recorders[name]

@@ -3,8 +3,8 @@
 `prepare(model, spec)` is the single entry point; `load_adapter_into(model, directory)` is its inverse for a
 saved adapter. Methods:
 
-- `qaa`: `circuits.inject_qaa` with `spec.qaa_config()`; saved by `circuits.save_qaa`.
-- `lora`, `prefix`: PEFT (`LoraConfig`, `PrefixTuningConfig`); saved by PEFT's `save_pretrained`.
+- `qaa`, `lora`, `prefix`: PEFT's `get_peft_model` with `circuits.tuner.QAAPeftConfig` (QAA is registered with
+  PEFT), `LoraConfig` or `PrefixTuningConfig`; saved by PEFT's `save_pretrained`.
 - `sora`: Sparse Low-rank Adaptation (Ding et al. 2023), `SoRALayer` below, with the proximal L1 step on its
   gate after every optimizer step.
 - `full`: every weight trains; the whole state dict is saved.
@@ -65,11 +65,8 @@ class PreparedModel:
 def prepare(model: nn.Module, spec: Any) -> PreparedModel:
     """Apply `spec.method` to `model` (modified in place); ValueError if its targets match nothing."""
     method = spec.method
-    if method.kind == "qaa":
-        circuits.inject_qaa(model, spec.qaa_config())
-        return PreparedModel(model, "qaa", lambda d: circuits.save_qaa(model, d))
-    if method.kind in ("lora", "prefix"):
-        return _peft(model, method)
+    if method.kind in ("qaa", "lora", "prefix"):
+        return _peft(model, spec)
     if method.kind == "sora":
         config = SoRAConfig(method.target_modules, method.r, method.lora_alpha, method.sparse_lambda,
                             spec.training.seed)  # fmt: skip
@@ -84,10 +81,17 @@ def prepare(model: nn.Module, spec: Any) -> PreparedModel:
     raise ValueError(f"unknown method {method.kind!r}")
 
 
-def _peft(model: nn.Module, method: Any) -> PreparedModel:
+def _peft(model: nn.Module, spec: Any) -> PreparedModel:
+    """One injection path for the methods PEFT knows (QAA among them): their adapters' shape is the spec's
+    method block; a QAA run's backend is bound by the trainer (`circuits.execution`), never by the adapter."""
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
-    if method.kind == "lora":
+    method = spec.method
+    if method.kind == "qaa":
+        from circuits.tuner import peft_config
+
+        config = peft_config(spec.qaa_config(), task_type="CAUSAL_LM")
+    elif method.kind == "lora":
         targets = method.target_modules
         if isinstance(targets, str):  # PEFT would run the user's regex with `re`: hand it the names RE2 matched
             targets = resolve_targets([n for n, _ in model.named_modules()], targets)
@@ -107,12 +111,16 @@ def _peft(model: nn.Module, method: Any) -> PreparedModel:
 def load_adapter_into(model: nn.Module, directory: Path) -> nn.Module:
     """Rebuild the adapted model from `prepare`'s saved files; returns the model to call (maybe a wrapper)."""
     config = json.loads((directory / CONFIG_NAME).read_text())
+    if config.get("peft_type") == "QAA":
+        from circuits.tuner import register
+
+        register()  # PEFT knows QAA from here on
     if "peft_type" in config:
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, str(directory))
     kind = config.get("method")
-    if "readout" in config and "entangler" in config:  # QAAConfig's own `method` (Aer's) hides circuits' tag
+    if "readout" in config and "entangler" in config:  # a QAA adapter saved before QAA was a PEFT method
         return circuits.load_qaa(model, directory)
     if kind == "sora":
         return load_sora(model, directory)

@@ -144,7 +144,7 @@ def run_cost(spec: JobSpec, model: torch.nn.Module) -> tuple[circuits.cost_estim
     own function from the adapters actually built (so a model the API cannot price is priced here)."""
     if spec.method.kind != "qaa":
         return circuits.cost_estimate.Estimate(0, 0, 0, 0, f"method {spec.method.kind} runs no circuits"), 0, {}
-    widths = Counter((layer.in_features, layer.out_features) for layer in circuits.qaa_layers(model).values())
+    widths = Counter((layer.in_features, layer.out_features) for layer in circuits.qaa_adapters(model).values())
     training, evaluation, state = cost_of(spec, widths)
     return circuits.cost_estimate.combined(training, evaluation), state, dict(widths)
 

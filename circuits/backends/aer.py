@@ -92,9 +92,9 @@ class AerRunner:
             options["noise_model"] = noise_model(
                 self.device, self.device.name, self.stamp, isa.metadata["qaa_physical"], self.env.cache_dir
             )
-            options["method"] = self.config.method or choose_method(isa.num_qubits, self.shots, direct)
+            options["method"] = self.config.aer_method or choose_method(isa.num_qubits, self.shots, direct)
         else:
-            options["method"] = self.config.method or "statevector"
+            options["method"] = self.config.aer_method or "statevector"
         exact = not self.measured and self.device is None
         options |= tuned_options(options["method"], exact, isa.num_qubits, self.config.device)
         simulator = AerSimulator(**options)

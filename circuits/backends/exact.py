@@ -19,7 +19,7 @@ Two strategies, chosen by cost:
   and the final state, and the backward walks the state and the cotangent back through the ops together, so no
   per-gate intermediate is ever stored.
 
-Both return `||z|| * r(U(theta) |z/||z||>)`: the norm restore of DESIGN.md is part of the engine, and a zero vector
+Both return `||z|| * r(U(theta) |z/||z||>)`: the norm restore of docs/qaa.md is part of the engine, and a zero vector
 yields zero output and zero gradient.
 """
 

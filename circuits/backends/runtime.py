@@ -91,7 +91,7 @@ class RuntimeRunner:
 
         physical = isa.metadata["qaa_physical"]
         model = noise_model(self.device, self.device.name, self.stamp, physical, self.env.cache_dir)
-        method = self.config.method or choose_method(isa.num_qubits, self.shots, direct=False)
+        method = self.config.aer_method or choose_method(isa.num_qubits, self.shots, direct=False)
         tuned = tuned_options(method, False, isa.num_qubits, self.config.device)
         target = compact_target(self.device.target, physical)  # the durations the primitives' scheduling needs
         simulator = self.local_simulator(

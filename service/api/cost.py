@@ -5,8 +5,8 @@ spec's `target_modules` would wrap. Which modules those are, and their input wid
 builtin models from `BUILTIN_SHAPES` without loading them (the API process never imports torch); for any
 other model the caller passes `d_in` and `adapters`.
 
-The time range is coarse on purpose: per-token and per-circuit costs measured on a 2-core CPU (DESIGN.md,
-"Performance notes"), widened to cover the spread between small and large circuits. Queue waits on IBM
+The time range is coarse on purpose: per-token and per-circuit costs measured on a 2-core CPU (README,
+"Benchmarks"), widened to cover the spread between small and large circuits. Queue waits on IBM
 hardware are not included.
 """
 
