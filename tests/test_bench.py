@@ -18,7 +18,7 @@ import pytest
 from stack import Proc, Services, free_port
 
 BENCH_TIMEOUT = 900
-ISSUE_KEYS = ["method", "variant", "trainable_params", "trainable_share", "bleu", "rouge1", "rouge2", "rougeL",
+ISSUE_KEYS = ["method", "variant", "group", "dataset", "learning_rate", "trainable_params", "trainable_share", "bleu", "rouge1", "rouge2", "rougeL",
               "bertscore_f1", "final_train_loss", "eval_loss", "readout_error", "seconds_per_step", "peak_memory_mb",
               "seeds"]  # fmt: skip
 SCORES = ["bleu", "rouge1", "rouge2", "rougeL", "bertscore_f1", "final_train_loss", "eval_loss"]
@@ -28,17 +28,21 @@ TUNED = f"{SIZE}, +2 noise-aware steps on FakeManilaV2"
 EVALUATED = [f"{SIZE}, same weights on FakeManilaV2, {m}" for m in
              ("no mitigation", "M3", "TREX", "twirling + TREX", "ZNE", "ZNE + TREX")]  # fmt: skip
 EVALUATED.append(f"{SIZE}, tuned weights on FakeManilaV2, no mitigation")
+HEADLINE = {
+    ("full", "all weights"): 5e-5,
+    ("lora", "r=8"): 2e-3,
+    ("prefix", "20 virtual tokens"): 1e-2,
+    ("sora", "r=8, gate lambda=0.001"): 2e-3,
+    ("qaa", "exact L=2 expval (default)"): 2e-3,
+}  # the examples' rates: --quick's grid is those rates alone
+GRID = {(method, f"{variant}, lr={lr:.2g} (grid)") for (method, variant), lr in HEADLINE.items()}
 ROWS = {
-    ("full", "all weights"),
-    ("lora", "r=8"),
-    ("prefix", "20 virtual tokens"),
-    ("sora", "r=8, gate lambda=0.001"),
-    ("qaa", "exact L=2 expval (default)"),
+    *HEADLINE,
+    *GRID,
     ("qaa", "exact L=1 expval"),
-    ("qaa", "exact L=1 expval+zz"),
-    ("qaa", "exact L=2 expval+zz"),
     ("qaa", "exact L=4 expval"),
-    ("qaa", "exact L=4 expval+zz"),
+    ("qaa", "exact L=2 expval+zz"),
+    ("qaa", "exact L=2 expval, every other layer"),
     ("qaa", TRAINED),
     ("qaa", TUNED),
     *(("qaa", v) for v in EVALUATED),
@@ -77,6 +81,10 @@ def test_quick_bench_runs_every_row_as_a_job_and_writes_the_table(tmp_path):
         assert (config["model"], config["dataset"]) == ("builtin:tiny-llama", "builtin:restaurants")
         assert "seed" not in config["training"]
         assert math.isfinite(r["eval_loss"]) and r["eval_loss"] > 0
+        if r["group"] == "grid":  # validation loss only: no test example is generated for the choice
+            assert config["evaluation"]["samples"] == 0 and config["training"]["steps"] == 2
+            assert r["bleu"] is None and r["bertscore_f1"] is None and r["seconds_per_step"] > 0
+            continue
         assert 0 <= r["bleu"] <= 100
         if r["variant"] in EVALUATED:  # inference on the device: its scores and readout error, no training figures
             assert config["kind"] == "evaluate" and config["quantum"]["backend"] == "fake:FakeManilaV2"
@@ -106,6 +114,10 @@ def test_quick_bench_runs_every_row_as_a_job_and_writes_the_table(tmp_path):
     mitigations = [by[("qaa", v)]["config"]["quantum"].get("mitigation") for v in EVALUATED]
     assert mitigations[0] is None and mitigations[4] == {"zne": {}} and mitigations[-1] is None
 
+    assert record["learning_rates"] == {method: lr for (method, _), lr in HEADLINE.items()}
+    for r in rows:  # every headline and QAA row at its method's chosen rate
+        if r["group"] in ("headline", "variant"):
+            assert r["learning_rate"] == record["learning_rates"][r["method"]], r["variant"]
     assert record["budget"]["model"] == "builtin:tiny-llama" and record["budget"]["steps"] == 6
     assert record["command"] == f"qaa bench --quick --out {out}"
     assert record["failures"] == [] and record["wall_seconds"] > 0
@@ -130,6 +142,16 @@ def test_quick_bench_runs_every_row_as_a_job_and_writes_the_table(tmp_path):
     finally:
         services.close()
 
+    # --resume takes every job the run finished (by id, from the store) and runs none again
+    again = Proc([*args, "--resume"], services.env(), tmp_path / "resume.log")
+    try:
+        assert again.popen.wait(timeout=300) == 0, again.log()[-4000:]
+    finally:
+        again.stop()
+    resumed = json.loads((out / "methods_budget.json").read_text())
+    assert resumed["rows"] == record["rows"] and resumed["learning_rates"] == record["learning_rates"]
+    assert again.log().count("finished before") == len(ROWS) and "submitted" not in again.log()
+
 
 def test_a_row_of_three_seeds_reports_means_spreads_the_fastest_step_and_the_highest_peak():
     from workers.bench import Row, summarize
@@ -139,7 +161,8 @@ def test_a_row_of_three_seeds_reports_means_spreads_the_fastest_step_and_the_hig
                       "trainable_params": 10, "trainable_share": 0.5}  # fmt: skip
         return {"status": status, "evaluation": evaluation, "spec": {"training": {"seed": seed}}}
 
-    row = Row("lora", "r=8", {"training": {"steps": 5, "seed": 0}}, [0, 1, 2, 3], "headline")
+    row = Row("lora", "r=8", {"dataset": "builtin:e2e", "training": {"steps": 5, "seed": 0, "learning_rate": 0.002}},
+              [0, 1, 2, 3], "headline")  # fmt: skip
     row.jobs = [job(0, "succeeded", 30.0, 1.5, 900), job(1, "succeeded", 34.0, 1.0, 1000),
                 job(2, "succeeded", 35.0, 3.0, 950), job(3, "failed", 99.0, 0.1, 5000)]  # fmt: skip
     out = summarize(row)
@@ -148,4 +171,33 @@ def test_a_row_of_three_seeds_reports_means_spreads_the_fastest_step_and_the_hig
     assert (out["eval_loss"], out["eval_loss_std"]) == (2.0, 1.0)
     assert (out["seconds_per_step"], out["peak_memory_mb"]) == (1.0, 1000)
     assert out["rouge1"] is None and out["rouge1_std"] is None  # not measured: no number invented
-    assert out["config"] == {"training": {"steps": 5}}
+    assert out["config"] == {"dataset": "builtin:e2e", "training": {"steps": 5, "learning_rate": 0.002}}
+    assert (out["group"], out["dataset"], out["learning_rate"]) == ("headline", "builtin:e2e", 0.002)
+
+
+def test_the_grid_chooses_each_methods_rate_by_validation_loss_and_resume_reruns_changed_specs():
+    from workers.bench import BenchError, Row, _same_run, apply_rates, choose_rates
+
+    def grid(method: str, lr: float, status: str, loss: float | None) -> Row:
+        row = Row(method, f"lr={lr}", {"dataset": "d", "training": {"learning_rate": lr}}, [0], "grid")
+        row.jobs = [{"status": status, "evaluation": {"eval_loss": loss} if loss is not None else None}]
+        return row
+
+    rows = [grid("lora", 1e-3, "succeeded", 2.0), grid("lora", 2e-3, "succeeded", 1.5),
+            grid("lora", 4e-3, "failed", 0.1), grid("qaa", 1e-3, "succeeded", 1.9),
+            grid("qaa", 2e-3, "succeeded", float("nan"))]  # fmt: skip
+    assert choose_rates(rows) == {"lora": 2e-3, "qaa": 1e-3}  # the failed run's lower loss does not count
+    headline = Row("lora", "r=8", {"dataset": "d", "training": {"learning_rate": 9.0}}, [0], "headline")
+    hardware = Row("qaa", "n=4", {"dataset": "d", "training": {"learning_rate": 9.0}}, [0], "hardware")
+    apply_rates([headline, hardware], {"lora": 2e-3, "qaa": 1e-3})
+    assert (headline.learning_rate, hardware.learning_rate) == (2e-3, 9.0)  # the hardware rows keep their own
+    with pytest.raises(BenchError, match="no learning rate of the grid succeeded for prefix"):
+        choose_rates([*rows, grid("prefix", 1e-2, "failed", None)])
+
+    stored = {"name": "x", "training": {"steps": 6, "learning_rate": 2e-3, "warmup_steps": 0},
+              "quantum": {"backend": "fake:FakeManilaV2", "mitigation": {"readout": "m3", "twirling": False}}}  # fmt: skip
+    assert _same_run(
+        stored,
+        {"name": "x", "training": {"steps": 6, "learning_rate": 2e-3}, "quantum": {"mitigation": {"readout": "m3"}}},
+    )  # fmt: skip  (defaults added: the same)
+    assert not _same_run(stored, {"name": "x", "training": {"steps": 6, "learning_rate": 4e-3}})  # another rate

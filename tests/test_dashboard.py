@@ -368,3 +368,43 @@ def test_the_dashboard_is_served_with_a_content_security_policy(live_api):
     html = httpx.get(f"{url}/").text
     assert re.findall(r"<script\b(?![^>]*\bsrc=)", html) == []  # no inline script
     assert re.findall(r"\son[a-z]+\s*=", html) == [] and "style=" not in html  # no inline handler nor style
+
+
+def test_picked_jobs_are_compared_with_their_curves_overlaid_and_their_scores_side_by_side(live_api, browser):
+    url, store = live_api
+    _, key = store.create_api_key("alice")
+    finished = {}
+    for name, method, steps, bleu in (("e2e-lora", {"kind": "lora"}, 40, 31.4), ("e2e-qaa", {"kind": "qaa"}, 30, 30.9)):
+        quantum = {"backend": "exact"} if method["kind"] == "qaa" else None
+        spec = {**SPEC, "name": name, "method": method, "quantum": quantum, "training": {"steps": steps}}
+        job = store.create_job("alice", parse_spec(spec))
+        store.claim_job(job.id, "w0")
+        store.record_metrics(job.id, points(1, steps, steps=steps))
+        evaluation = {"bleu": bleu, "rougeL": 0.52, "bertscore_f1": 0.871, "eval_loss": 1.42,
+                      "trainable_share": 0.0034 if method["kind"] == "lora" else 0.0017}  # fmt: skip
+        store.finish_job(job.id, "w0", "succeeded", step=steps, evaluation=evaluation)
+        finished[name] = job
+    other = store.create_job("alice", parse_spec({**SPEC, "name": "not-picked"}))
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.add_init_script(CSP_LISTENER)
+    store_key(page, url, key)
+    page.goto(url)
+    page.wait_for_selector(f"tr.job-row[data-job='{other.id}']")
+    assert page.is_disabled("#compare-button")  # nothing picked yet
+    for job in finished.values():
+        page.check(f"input.pick[data-job='{job.id}']")
+    assert page.evaluate("location.hash") in ("", "#/")  # picking a job does not open it
+    assert page.inner_text("#compare-button") == "Compare 2 jobs"
+    page.click("#compare-button")
+    page.wait_for_selector("#compare-chart polyline[data-series=loss-1]")
+    count = "s => document.querySelector(`#compare-chart polyline[data-series=${s}]`).dataset.count"
+    assert [page.evaluate(count, f"loss-{i}") for i in range(2)] == ["40", "30"]  # every point of each job
+    assert page.locator("#compare-chart circle").count() == 2 + 1  # eval at steps 20, 40 and 20
+    rows = page.locator("#compare-scores tbody tr")
+    assert rows.count() == 2
+    texts = {job.id: page.inner_text(f"#compare-scores tr[data-job='{job.id}']") for job in finished.values()}
+    assert "31.4" in texts[finished["e2e-lora"].id] and "30.9" in texts[finished["e2e-qaa"].id]
+    assert "0.3400%" in texts[finished["e2e-lora"].id] and "0.1700%" in texts[finished["e2e-qaa"].id]
+    assert other.id not in page.inner_text("#compare-scores")
+    assert csp_violations(page) == []

@@ -13,20 +13,20 @@ SENTENCES = ["The Eagle is a cheap pub near Burger King.", "Aromi serves Italian
 
 
 def test_identical_strings_score_perfectly():
-    scores = score(SENTENCES, SENTENCES, ["bleu", "rouge", "bertscore"])
+    scores = score(SENTENCES, [[s] for s in SENTENCES], ["bleu", "rouge", "bertscore"])
     assert scores["bleu"] == pytest.approx(100.0)
     assert scores["rouge1"] == scores["rouge2"] == scores["rougeL"] == 1.0
     assert scores["bertscore_f1"] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_different_strings_score_lower_with_known_rouge():
-    scores = score(["the cat sat"], ["the cat ran"], ["bleu", "rouge"])
+    scores = score(["the cat sat"], [["the cat ran"]], ["bleu", "rouge"])
     assert scores["rouge1"] == pytest.approx(2 / 3)  # 2 of 3 unigrams match both ways
     assert scores["rouge2"] == pytest.approx(1 / 2)
     assert scores["bleu"] < 100
-    unrelated = score(["zebra quantum"], SENTENCES[:1], ["rouge", "bertscore"])
+    unrelated = score(["zebra quantum"], [SENTENCES[:1]], ["rouge", "bertscore"])
     assert unrelated["rouge1"] == 0.0 and unrelated["bertscore_f1"] < 0.9
-    assert set(score(["a"], ["a"], ["bleu"])) == {"bleu"}, "only the metrics asked for"
+    assert set(score(["a"], [["a"]], ["bleu"])) == {"bleu"}, "only the metrics asked for"
     assert (minilm_path() / "config.json").is_file()
 
 
@@ -55,7 +55,7 @@ def test_peak_memory_is_the_rss_high_water_mark_on_cpu():
 
 
 def test_empty_generation_scores_zero_bertscore():
-    scores = score(["", SENTENCES[0]], [SENTENCES[0], SENTENCES[0]], ["bertscore"])
+    scores = score(["", SENTENCES[0]], [SENTENCES[:1], SENTENCES[:1]], ["bertscore"])
     assert scores["bertscore_f1"] == pytest.approx(0.5, abs=1e-4)  # (0 + 1) / 2
 
 
@@ -110,3 +110,47 @@ def test_prefix_tuned_smollm2_generates_what_full_forwards_decode():
     with tuned.disable_adapter():
         base = generate(tuned.base_model, tokenizer, prompts, **kwargs)
     assert all(len(g.split()) >= 3 for g in generated) and generated != base
+
+
+def test_each_generation_is_scored_against_all_references_of_its_prompt():
+    """E2E-style: a generation that matches any one reference of its MR scores as a match."""
+    candidates = [SENTENCES[1], "The Eagle pub is cheap and near Burger King."]
+    one = [[SENTENCES[0]], [SENTENCES[0]]]
+    both = [[SENTENCES[0], SENTENCES[1]], [SENTENCES[0]]]  # a second reference only for the first prompt
+    single, multi = (score(candidates, refs, ["bleu", "rouge", "bertscore"]) for refs in (one, both))
+    assert multi["bleu"] > single["bleu"] and multi["rougeL"] > single["rougeL"]
+    assert multi["bertscore_f1"] > single["bertscore_f1"]
+    exact = score([SENTENCES[1]], [[SENTENCES[0], SENTENCES[1]]], ["bleu", "rouge", "bertscore"])
+    assert exact["bleu"] == pytest.approx(100.0) and exact["rougeL"] == 1.0
+    assert exact["bertscore_f1"] == pytest.approx(1.0, abs=1e-4)  # the best reference, not the mean
+    with pytest.raises(ValueError, match="one non-empty list of references per candidate"):
+        score(["a"], [[]], ["bleu"])
+
+
+def test_e2e_is_split_by_meaning_representation_with_every_test_reference():
+    from workers.datasets import E2E_FILES, load_splits
+
+    splits = load_splits("builtin:e2e")
+    train, validation = {e.prompt for e in splits.train}, {e.prompt for e in splits.validation}
+    assert (len(train), len(validation), len(splits.test)) == (492, 55, 630)  # 547 devset MRs, 630 test MRs
+    assert not train & validation and len(splits.train) + len(splits.validation) == 4672
+    assert sum(len(e.references) for e in splits.test) == 4693 and len({e.prompt for e in splits.test}) == 630
+    assert all(e.targets == e.references and e.completion == e.references[0] for e in splits.test)
+    assert not {e.prompt for e in splits.test} & (train | validation)
+    assert load_splits("builtin:e2e").test[:5] == splits.test[:5]  # a fixed sample, run after run
+    assert set(E2E_FILES) == {"devset.csv", "testset_w_refs.csv"}
+
+
+def test_a_damaged_e2e_copy_is_refused(tmp_path, monkeypatch):
+    import gzip
+    import shutil
+
+    from workers import datasets
+
+    for name in datasets.E2E_FILES:
+        shutil.copy(datasets.E2E_DIR / f"{name}.gz", tmp_path)
+    data = gzip.decompress((tmp_path / "devset.csv.gz").read_bytes()).replace(b"Alimentum", b"Alimentun", 1)
+    (tmp_path / "devset.csv.gz").write_bytes(gzip.compress(data))
+    monkeypatch.setattr(datasets, "E2E_DIR", tmp_path)
+    with pytest.raises(datasets.DatasetError, match="devset.csv does not match its published sha256"):
+        datasets.load_splits("builtin:e2e")

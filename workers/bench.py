@@ -1,11 +1,17 @@
 """`qaa bench`: full fine-tuning, LoRA, prefix tuning, SoRA and QAA side by side, each row a real job of the service.
 
 Every job goes over HTTP through `client.api.ApiClient`, on one model, dataset, step count, seed set and
-evaluation, so the table measures the product itself. Rows:
+evaluation, so the table measures the product itself. The published run is on `builtin:e2e` (the E2E NLG
+Challenge's human references; each generation scored against every reference of its MR); `--quick` runs the same
+rows on the synthetic `builtin:restaurants`. Rows:
 
-- the five headline methods, whose method options and learning rates are those of `examples/full.yaml`,
-  `lora.yaml`, `prefix.yaml`, `sora.yaml` and `qaa-smollm2.yaml` (the default QAA row), run with `seeds` seeds;
-- QAA variants on the exact engine (L = 1, 2, 4 x readout expval, expval+zz), first seed only;
+- the learning-rate grid: each headline method at `lr_factors` times its example's rate, seed 0, `grid_steps`
+  steps, scored by eval loss on the validation MRs only (no test MR is generated for it); each method then runs
+  at the rate with the lowest validation loss;
+- the five headline methods, whose method options are those of `examples/full.yaml`, `lora.yaml`, `prefix.yaml`,
+  `sora.yaml` and `qaa-smollm2.yaml` (the default QAA row), at their chosen rates, with `seeds` seeds;
+- QAA variants on the exact engine (`QAA_VARIANTS`), and QAA at the survey's share of trainable parameters
+  (`SHARE_TARGETS`: at most 0.09 % of SmolLM2's), first seed only, at QAA's chosen rate;
 - the hardware rows, one adapter (one set of weights): QAA compressed to 4 qubits on one module, trained on the
   exact engine; the same weights evaluated (`kind: evaluate`) on `hardware_device`'s noise without and with each
   mitigation; then fine-tuned `hardware_steps` noise-aware steps of `hardware_batch_size` rows on that device
@@ -53,12 +59,17 @@ from workers.stack import Stack, StackError
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HEADLINE_SPECS = {"full": "full.yaml", "lora": "lora.yaml", "prefix": "prefix.yaml", "sora": "sora.yaml",
                   "qaa": "qaa-smollm2.yaml"}  # fmt: skip
-QAA_LAYERS = (1, 2, 4)
-QAA_READOUTS = ("expval", "expval+zz")
+#: QAA variants beside the default (L = 2, expval): (layers, readout).
+QAA_VARIANTS = ((1, "expval"), (4, "expval"), (2, "expval+zz"))
+#: QAA at the survey's share (about 0.09 % trainable): the default adapter on q_proj and v_proj of every other
+#: layer, half the adapters (SmolLM2: 15 x 7,780 = 116,700 of 134.5 M parameters, 0.087 %). Fewer modules rather
+#: than a smaller readout or a shared `Up`: each adapter keeps the default's shape, so the row isolates how many
+#: layers QAA needs.
+SHARE_TARGETS = r".*layers\.\d*[02468]\.self_attn\.(q|v)_proj"
 #: Means over seeds with a `_std` beside them.
 SCORES = ("bleu", "rouge1", "rouge2", "rougeL", "bertscore_f1", "final_train_loss", "eval_loss")
-ROW_KEYS = ("method", "variant", "trainable_params", "trainable_share", *SCORES, "readout_error",
-            "seconds_per_step", "peak_memory_mb", "seeds")  # fmt: skip
+ROW_KEYS = ("method", "variant", "group", "dataset", "learning_rate", "trainable_params", "trainable_share", *SCORES,
+            "readout_error", "seconds_per_step", "peak_memory_mb", "seeds")  # fmt: skip
 #: The hardware rows' evaluations on the device, by label: `quantum.mitigation` of each (None: unmitigated).
 HARDWARE_MITIGATIONS = {
     "no mitigation": None,
@@ -86,13 +97,19 @@ class Budget:
     """What every row shares. `seeds` applies to the headline rows; variants and the hardware rows run seed 0."""
 
     model: str = "builtin:smollm2-135m"
-    dataset: str = "builtin:restaurants"
-    steps: int = 80
+    dataset: str = "builtin:e2e"
+    steps: int = 60
     batch_size: int = 4
-    max_length: int = 64
+    #: E2E with SmolLM2's chat template: 97 tokens at the median, the prompt's start (the template's system line)
+    #: is cut first, so the reference itself is kept whole in nearly every row.
+    max_length: int = 96
     seeds: int = 3
+    #: Test MRs scored (a fixed random sample of E2E's 630; `--samples 630` scores them all).
     samples: int = 50
     max_new_tokens: int = 48
+    #: The learning-rate grid: these multiples of each method's example rate, `grid_steps` steps each.
+    lr_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
+    grid_steps: int = 30
     metrics: tuple[str, ...] = ("bleu", "rouge", "bertscore")
     hardware_steps: int = 5
     hardware_batch_size: int = 2
@@ -109,12 +126,13 @@ class Budget:
         return eval_every(self.steps)
 
 
-#: The published table: 22 jobs (5 headline rows x 3 seeds, 7 one-seed rows), about 100 minutes on a
-#: 2-core CPU; the wall time of the published run is in benchmarks/results/methods_budget.json.
+#: The published table: 15 grid jobs, 5 headline rows x 3 seeds, 4 one-seed QAA rows and 9 hardware jobs, sized to
+#: about 100 minutes on a 2-core CPU; the wall time of the published run is in benchmarks/results/methods_budget.json.
 PUBLISHED = Budget()
-#: `--quick`: the same rows in a few minutes, on the random-init tiny Llama.
-QUICK = replace(PUBLISHED, model="builtin:tiny-llama", steps=6, batch_size=2, max_length=32, seeds=1, samples=4,
-                max_new_tokens=8, hardware_steps=2, hardware_batch_size=1, hardware_shots=256, hardware_samples=2,
+#: `--quick`: the same rows in a few minutes, on the random-init tiny Llama and the synthetic set.
+QUICK = replace(PUBLISHED, model="builtin:tiny-llama", dataset="builtin:restaurants", steps=6, batch_size=2,
+                max_length=32, seeds=1, samples=4, max_new_tokens=8, lr_factors=(1.0,), grid_steps=2,
+                hardware_steps=2, hardware_batch_size=1, hardware_shots=256, hardware_samples=2,
                 hardware_new_tokens=2)  # fmt: skip
 
 
@@ -126,7 +144,7 @@ class Row:
     variant: str
     spec: dict[str, Any]
     seeds: list[int]
-    group: str  # headline | variant | hardware
+    group: str  # grid | headline | variant | hardware
     #: The row whose adapter this one loads (its first job): `adapter_from` for an evaluate row, else `init_from`.
     source: Row | None = None
     jobs: list[dict[str, Any]] = field(default_factory=list)
@@ -135,6 +153,15 @@ class Row:
     @property
     def label(self) -> str:
         return f"{self.method} {self.variant}"
+
+    @property
+    def learning_rate(self) -> float:
+        return self.spec["training"]["learning_rate"]
+
+    @property
+    def tuned(self) -> bool:
+        """Trains at its method's rate from the grid (the hardware rows keep their own)."""
+        return self.group in ("headline", "variant")
 
     def spec_for(self, seed: int) -> dict[str, Any]:
         slug = "-".join("".join(c if c.isalnum() else " " for c in self.label).split())
@@ -181,25 +208,54 @@ def _variant(method: dict) -> str:
 
 
 def plan(budget: Budget) -> list[Row]:
-    """Every row of the bench, headline rows first, then the QAA variants, then the hardware rows."""
+    """Every row of the bench: the rate grid, the headline rows, the QAA variants and share row, the hardware rows.
+    The headline and QAA rows carry their example's rate until `apply_rates` sets the one the grid chose."""
     headline_seeds = list(range(budget.seeds))
-    rows, default_qaa, qaa_lr = [], None, None
+    grid, rows, default_qaa, qaa_lr = [], [], None, None
     for kind, name in HEADLINE_SPECS.items():
         example = load_spec(EXAMPLES / name)
         method, lr = example["method"], example["training"]["learning_rate"]
         quantum = {"backend": "exact"} if kind == "qaa" else None
         variant = f"exact {_variant(method)} (default)" if kind == "qaa" else _variant(method)
+        for factor in budget.lr_factors:
+            job = _job(budget, method, lr * factor, quantum, steps=budget.grid_steps)
+            job["evaluation"]["samples"] = 0  # the grid is scored on the validation MRs alone
+            grid.append(Row(kind, f"{variant}, lr={lr * factor:.2g} (grid)", job, [0], "grid"))
         rows.append(Row(kind, variant, _job(budget, method, lr, quantum), headline_seeds, "headline"))
         if kind == "qaa":
             default_qaa, qaa_lr = method, lr
-    for layers in QAA_LAYERS:
-        for readout in QAA_READOUTS:
-            method = {**default_qaa, "layers": layers, "readout": readout}
-            if method != default_qaa:
-                job = _job(budget, method, qaa_lr, {"backend": "exact"})
-                rows.append(Row("qaa", f"exact {_variant(method)}", job, [0], "variant"))
-    rows += hardware_rows(budget, default_qaa)
-    return rows
+    for layers, readout in QAA_VARIANTS:
+        method = {**default_qaa, "layers": layers, "readout": readout}
+        rows.append(Row("qaa", f"exact {_variant(method)}", _job(budget, method, qaa_lr, {"backend": "exact"}), [0],
+                        "variant"))  # fmt: skip
+    share = {**default_qaa, "target_modules": SHARE_TARGETS}
+    rows.append(Row("qaa", f"exact {_variant(share)}, every other layer",
+                    _job(budget, share, qaa_lr, {"backend": "exact"}), [0], "variant"))  # fmt: skip
+    return grid + rows + hardware_rows(budget, default_qaa)
+
+
+def choose_rates(rows: Sequence[Row]) -> dict[str, float]:
+    """Per method, the grid rate whose job ended with the lowest validation eval loss (failed jobs excluded)."""
+    best: dict[str, tuple[float, float]] = {}
+    for row in rows:
+        if row.group != "grid":
+            continue
+        for job in row.jobs:
+            loss = (job.get("evaluation") or {}).get("eval_loss")
+            if job["status"] == "succeeded" and isinstance(loss, int | float) and math.isfinite(loss):
+                if row.method not in best or loss < best[row.method][0]:
+                    best[row.method] = (loss, row.learning_rate)
+    missing = {row.method for row in rows if row.group == "grid"} - set(best)
+    if missing:
+        raise BenchError(f"no learning rate of the grid succeeded for {', '.join(sorted(missing))}")
+    return {method: lr for method, (_, lr) in best.items()}
+
+
+def apply_rates(rows: Sequence[Row], rates: dict[str, float]) -> None:
+    """Every headline and QAA row trains at its method's chosen rate."""
+    for row in rows:
+        if row.tuned:
+            row.spec["training"]["learning_rate"] = rates[row.method]
 
 
 def hardware_rows(budget: Budget, default_qaa: dict) -> list[Row]:
@@ -305,7 +361,8 @@ def summarize(row: Row) -> dict[str, Any]:
     def values(key: str) -> list[float]:
         return [e[key] for e in evals if isinstance(e.get(key), int | float) and math.isfinite(e[key])]
 
-    out: dict[str, Any] = {"method": row.method, "variant": row.variant}
+    out: dict[str, Any] = {"method": row.method, "variant": row.variant, "group": row.group,
+                           "dataset": row.spec["dataset"], "learning_rate": row.learning_rate}  # fmt: skip
     out["trainable_params"] = next(iter(values("trainable_params")), None)
     out["trainable_share"] = next(iter(values("trainable_share")), None)
     for key in SCORES:
@@ -499,14 +556,40 @@ def _machine() -> dict[str, Any]:
 
 def _command(url: str | None, quick: bool, seeds: int | None, steps: int | None, samples: int | None,
              out: Path) -> str:  # fmt: skip
-    """The `qaa bench` line that reruns this run (the server aside, which `--url` names)."""
+    """The `qaa bench` line that reruns this run (the server aside, which `--url` names; `--resume` aside, which
+    changes how it ran, not what)."""
     flags = [("--url", url), ("--seeds", seeds), ("--steps", steps), ("--samples", samples), ("--out", out)]
     return " ".join(["qaa bench", *(["--quick"] if quick else []), *(f"{k} {v}" for k, v in flags if v)])
 
 
+def finished_jobs(url: str | None, out: Path) -> dict[tuple[str, int], tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(row label, seed) -> (job, metric points) for every job a previous run in `out` recorded that the store
+    holds as succeeded: what `--resume` does not run again."""
+    path = out / "methods_budget.json"
+    if not path.is_file():
+        return {}
+    entries = json.loads(path.read_text()).get("rows", [])
+    done: dict[tuple[str, int], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    with _service(url) as api:
+        for entry in entries:
+            for job_id in entry["jobs"]:
+                try:
+                    job = api.get_job(job_id)
+                except ClientError:  # not in this store (another machine, a wiped QAA_HOME): run it again
+                    continue
+                if job["status"] == "succeeded":
+                    label = f"{entry['method']} {entry['variant']}"
+                    done[(label, job["spec"]["training"]["seed"])] = (job, api.metrics(job_id))
+    return done
+
+
 def run_bench(*, url: str | None = None, quick: bool = False, seeds: int | None = None, steps: int | None = None,
-              samples: int | None = None, out: Path = Path("benchmarks/results")) -> int:  # fmt: skip
-    """Run every row of `plan` as jobs, one at a time, writing the results after each; 0 if all succeeded."""
+              samples: int | None = None, out: Path = Path("benchmarks/results"),
+              resume: bool = False) -> int:  # fmt: skip
+    """Run every row of `plan` as jobs, one at a time, writing the results after each; 0 if all succeeded.
+
+    The rate grid runs first; every other row then trains at its method's chosen rate. With `resume`, jobs an
+    earlier run in `out` finished (and the store still holds) are taken as they are."""
     console = render.console()
     budget = QUICK if quick else PUBLISHED
     budget = replace(budget, **{k: v for k, v in (("seeds", seeds), ("steps", steps), ("samples", samples)) if v})
@@ -526,26 +609,54 @@ def run_bench(*, url: str | None = None, quick: bool = False, seeds: int | None 
 
         load_model(budget.model, models_dir=get_settings().models_dir)
     started = time.monotonic()
-    jobs = [(row, seed) for seed in range(budget.seeds) for row in rows if seed in row.seeds]
-    console.print(f"qaa bench: {len(rows)} rows, {len(jobs)} jobs; results in {out}/", markup=False)
     try:
-        for row, seed in jobs:
-            job, points = _run_job(url, row.spec_for(seed), console)
-            row.jobs.append(job)
-            row.points[seed] = points
-            if job["status"] != "succeeded":
-                record["failures"].append({k: job.get(k) for k in ("id", "name", "status", "error")})
-            record["wall_seconds"] = round(time.monotonic() - started, 1)
-            write_results(out, rows, record)
-            e = job.get("evaluation") or {}
-            console.print(f"  {row.label} seed {seed}: {job['status']}, BLEU {render.fmt(e.get('bleu'))}, "
-                          f"eval loss {render.fmt(e.get('eval_loss'))}, "
-                          f"{render.fmt(e.get('seconds_per_step'))} s/step", markup=False)  # fmt: skip
+        done = finished_jobs(url, out) if resume else {}
+        jobs = [(row, seed) for seed in range(budget.seeds) for row in rows if seed in row.seeds]
+        grid = [(row, seed) for row, seed in jobs if row.group == "grid"]
+        rest = [(row, seed) for row, seed in jobs if row.group != "grid"]
+        console.print(f"qaa bench: {len(rows)} rows, {len(jobs)} jobs ({len(done)} finished before); results in "
+                      f"{out}/", markup=False)  # fmt: skip
+        for phase in (grid, rest):
+            if phase is rest:
+                record["learning_rates"] = choose_rates(rows)
+                apply_rates(rows, record["learning_rates"])
+                console.print(f"  chosen learning rates: {record['learning_rates']}", markup=False)
+            for row, seed in phase:
+                _one(url, row, seed, done, record, console)
+                record["wall_seconds"] = round(time.monotonic() - started, 1)
+                write_results(out, rows, record)
     except (ClientError, BenchError, StackError) as exc:
         console.print(f"qaa bench: {exc}", markup=False)
         return 1
     except KeyboardInterrupt:
-        console.print("qaa bench: interrupted; the results so far are written", markup=False)
+        console.print("qaa bench: interrupted; the results so far are written (--resume picks them up)", markup=False)
         return 130
     console.print((out / "methods.md").read_text(), markup=False)
     return 1 if record["failures"] else 0
+
+
+def _one(url: str | None, row: Row, seed: int, done: dict, record: dict[str, Any], console) -> None:
+    """Run (or, finished before with the same spec, take) one job of `row`."""
+    spec = row.spec_for(seed)
+    previous = done.get((row.label, seed))
+    if previous is not None and _same_run(previous[0]["spec"], spec):
+        job, points = previous
+        console.print(f"  {row.label} seed {seed}: {job['id']} finished before", markup=False)
+    else:
+        job, points = _run_job(url, spec, console)
+    row.jobs.append(job)
+    row.points[seed] = points
+    if job["status"] != "succeeded":
+        record["failures"].append({k: job.get(k) for k in ("id", "name", "status", "error")})
+    e = job.get("evaluation") or {}
+    console.print(f"  {row.label} seed {seed}: {job['status']}, BLEU {render.fmt(e.get('bleu'))}, "
+                  f"eval loss {render.fmt(e.get('eval_loss'))}, "
+                  f"{render.fmt(e.get('seconds_per_step'))} s/step", markup=False)  # fmt: skip
+
+
+def _same_run(stored: Any, wanted: Any) -> bool:
+    """Whether a stored spec ran `wanted` (the store adds defaults at every level; a changed budget or rate means
+    run again)."""
+    if isinstance(wanted, dict):
+        return isinstance(stored, dict) and all(_same_run(stored.get(k), v) for k, v in wanted.items())
+    return stored == wanted

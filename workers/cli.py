@@ -159,13 +159,15 @@ def demo(
 @app.command()
 def bench(
     url: str = typer.Option(None, help="A running server (key: QAA_API_KEY or credentials); default: start one."),
-    quick: bool = typer.Option(False, help="Minutes-long smoke version: tiny Llama, few steps, one seed."),
+    quick: bool = typer.Option(False, help="Minutes-long smoke version: tiny Llama, synthetic data, one seed."),
     seeds: int = typer.Option(None, min=1, help="Seeds of the five headline rows (variants run seed 0)."),
     steps: int = typer.Option(None, min=1, help="Training steps of every row but the hardware tuning."),
-    samples: int = typer.Option(None, min=1, help="Test examples generated and scored per job."),
+    samples: int = typer.Option(None, min=1, help="Test MRs generated and scored per job (E2E has 630)."),
     out: str = typer.Option("benchmarks/results", help="Folder for methods.json, methods.md, loss_curves.png."),
+    resume: bool = typer.Option(False, help="Keep the jobs a previous run in --out finished (by id, in the store)."),
 ) -> None:
-    """Compare full fine-tuning, LoRA, prefix, SoRA and QAA (and QAA on noisy Aer) as real jobs, one at a time."""
+    """Compare full fine-tuning, LoRA, prefix, SoRA and QAA (and QAA on fake devices) as real jobs, one at a time:
+    learning rates chosen on validation MRs first, then every row at its method's rate."""
     import signal
     from pathlib import Path
 
@@ -173,7 +175,9 @@ def bench(
 
     for signum in (signal.SIGINT, signal.SIGTERM):  # the running job is cancelled and its stack stopped
         signal.signal(signum, _interrupt)
-    raise typer.Exit(run_bench(url=url, quick=quick, seeds=seeds, steps=steps, samples=samples, out=Path(out)))
+    raise typer.Exit(
+        run_bench(url=url, quick=quick, seeds=seeds, steps=steps, samples=samples, out=Path(out), resume=resume)
+    )
 
 
 @app.command()

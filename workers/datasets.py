@@ -1,4 +1,11 @@
-"""Training data: the builtin restaurants set, JSONL files, and tokenization with loss on completions only.
+"""Training data: the E2E NLG data, the builtin restaurants set, JSONL files, and tokenization with loss on
+completions only.
+
+`builtin:e2e` is the E2E NLG Challenge's human-written data (CC BY-SA 4.0, vendored in `workers/data/e2e/` with its
+licence and checked against the published digests): the meaning representation is the prompt, as written in the
+data (`name[The Eagle], eatType[pub], ...`), and one human reference the completion. Training and validation are
+`devset.csv` split by MR (a seeded tenth of its MRs validates); the test split is `testset_w_refs.csv`, one example
+per MR with every reference of that MR, so generations are scored against all of them.
 
 `builtin:restaurants` is a seeded generator in the style of the E2E NLG challenge: a meaning representation
 (`name[The Eagle], eatType[pub], ...`) as the prompt, one fluent sentence realising every attribute as the
@@ -22,6 +29,17 @@ from typing import Any
 
 from service.jsonl import JsonlLineError, read_examples
 
+E2E_DIR = Path(__file__).resolve().parent / "data" / "e2e"
+#: sha256 of the decompressed CSVs, as published with the data (workers/data/e2e/README.md).
+E2E_FILES = {
+    "devset.csv": "fc26b78cdb849c80545f513b223d1e051138b43882eeb79e3eb153e689c864f9",
+    "testset_w_refs.csv": "edc8db685e39bb9824d5bd70c18b1c9b0412d14b527aa960e2d1c8251ee15ccd",
+}
+E2E_SEED = 2017
+#: The share of devset MRs held out for validation.
+E2E_VALIDATION_SHARE = 0.1
+BUILTIN_DATASETS = ("builtin:e2e", "builtin:restaurants")
+
 RESTAURANTS_SEED = 2023
 RESTAURANTS_SIZES = {"train": 2000, "validation": 200, "test": 200}
 #: Between prompt and completion for models without a chat template.
@@ -38,8 +56,17 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
+    """One prompt and its completion; `references` holds every human reference when there are several (E2E's
+    test MRs), else it is empty and `completion` is the one reference."""
+
     prompt: str
     completion: str
+    references: tuple[str, ...] = ()
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """What a generation for this prompt is scored against."""
+        return self.references or (self.completion,)
 
 
 @dataclass(frozen=True)
@@ -47,6 +74,45 @@ class Splits:
     train: list[Example]
     validation: list[Example]
     test: list[Example]
+
+
+# --- builtin:e2e --------------------------------------------------------------------------------------------
+
+
+def _e2e_rows(name: str) -> list[tuple[str, str]]:
+    """(mr, ref) rows of one vendored CSV, after checking its digest."""
+    import csv
+    import gzip
+    import hashlib
+    import io
+
+    data = gzip.decompress((E2E_DIR / f"{name}.gz").read_bytes())
+    if hashlib.sha256(data).hexdigest() != E2E_FILES[name]:
+        raise DatasetError(f"builtin:e2e: {name} does not match its published sha256; the copy is damaged")
+    return [(row["mr"], row["ref"]) for row in csv.DictReader(io.StringIO(data.decode("utf-8")))]
+
+
+def _by_mr(rows: list[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for mr, ref in rows:
+        grouped.setdefault(mr, []).append(ref)
+    return grouped
+
+
+def e2e() -> Splits:
+    """Train and validation rows from devset.csv, split by MR; one test example per MR of testset_w_refs.csv."""
+    dev = _by_mr(_e2e_rows("devset.csv"))
+    mrs = sorted(dev)
+    random.Random(E2E_SEED).shuffle(mrs)
+    held = round(len(mrs) * E2E_VALIDATION_SHARE)
+    train = [Example(mr, ref) for mr in mrs[held:] for ref in dev[mr]]
+    validation = [Example(mr, ref) for mr in mrs[:held] for ref in dev[mr]]
+    random.Random(E2E_SEED).shuffle(train)  # batches mix MRs
+    test_refs = _by_mr(_e2e_rows("testset_w_refs.csv"))
+    test_mrs = sorted(test_refs)
+    random.Random(E2E_SEED).shuffle(test_mrs)  # the first N MRs are a fixed random sample
+    test = [Example(mr, test_refs[mr][0], tuple(test_refs[mr])) for mr in test_mrs]
+    return Splits(train, validation, test)
 
 
 # --- builtin:restaurants ------------------------------------------------------------------------------------
@@ -167,11 +233,13 @@ def split_rows(rows: Sequence[Example], seed: int) -> Splits:
 def load_splits(
     ref: str, *, resolve_dataset: Callable[[str], Path] | None = None, seed: int = RESTAURANTS_SEED
 ) -> Splits:
-    """`builtin:restaurants`, an uploaded `ds_<id>` (through `resolve_dataset`) or a local JSONL path."""
+    """`builtin:e2e`, `builtin:restaurants`, an uploaded `ds_<id>` (through `resolve_dataset`) or a local JSONL."""
+    if ref == "builtin:e2e":
+        return e2e()
     if ref == "builtin:restaurants":
         return restaurants()
     if ref.startswith("builtin:"):
-        raise DatasetError(f"unknown builtin dataset {ref!r}; builtins: builtin:restaurants")
+        raise DatasetError(f"unknown builtin dataset {ref!r}; builtins: {', '.join(BUILTIN_DATASETS)}")
     if ref.startswith("ds_"):
         if resolve_dataset is None:
             raise DatasetError(f"dataset {ref!r} is an upload, but this run has no dataset store to find it in")

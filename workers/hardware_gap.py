@@ -106,7 +106,7 @@ def _measure(spec: JobSpec, model, tokenizer, chat: bool, samples, device) -> di
         model, tokenizer, [s.prompt for s in samples], chat=chat, max_length=t.max_length,
         max_new_tokens=e.max_new_tokens, batch_size=batch, device=device,
     )  # fmt: skip
-    scores = evaluation.score(generations, [s.completion for s in samples], e.metrics)
+    scores = evaluation.score(generations, [s.targets for s in samples], e.metrics)
     return {"eval_loss": loss, "scores": scores, "generations": generations}
 
 

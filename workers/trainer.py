@@ -299,7 +299,7 @@ class _Run:
             batch_size=self.spec.training.batch_size * EVAL_BATCH_FACTOR, device=self.device,
         )  # fmt: skip
         summary = self.prepared.summary()
-        result = evaluation.score(generations, [s.completion for s in samples], e.metrics)
+        result = evaluation.score(generations, [s.targets for s in samples], e.metrics)
         last_eval = next(p["eval_loss"] for p in reversed(self.history) if "eval_loss" in p)
         step_times = [p["step_time_s"] for p in self.history]
         result |= {

@@ -1,4 +1,4 @@
-// The dashboard: a jobs list and a job page, polling the API every couple of seconds.
+// The dashboard: a jobs list, a job page and a comparison of picked jobs, polling the API every couple of seconds.
 // Data from the API is only ever inserted as text (textContent), never as HTML. The API serves it under a strict
 // Content-Security-Policy: no inline script, handler or style attribute here (styles go through element.style).
 
@@ -10,10 +10,13 @@ const METRICS_PAGE = 10000;
 const METRICS_OVERLAP = 5;
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const COLORS = { loss: "#2f6fdf", eval: "#e0671b", lr: "#2a9d6f" };
+// One colour per compared job (its train loss line and its eval loss dots).
+const PALETTE = ["#2f6fdf", "#e0671b", "#2a9d6f", "#9b4dca", "#d2423b", "#8a6d1f", "#1b8a9b", "#6b7686"];
+const MAX_COMPARED = PALETTE.length;
 
 const KEY_STORAGE = "qaa_api_key";
 
-const state = { key: localStorage.getItem(KEY_STORAGE), linkKey: null, metrics: new Map(), timer: null };
+const state = { key: localStorage.getItem(KEY_STORAGE), linkKey: null, metrics: new Map(), timer: null, picked: new Set() };
 
 // --- API -----------------------------------------------------------------------------------------------------
 
@@ -133,7 +136,16 @@ async function renderList(view) {
       losses = (await loadMetrics(job.id, job.status)).map((p) => p.loss).filter((v) => typeof v === "number");
     } catch { /* a job without metrics yet */ }
     const last = losses.length ? formatNumber(losses[losses.length - 1]) : "–";
+    const pick = h("input", { type: "checkbox", class: "pick", "data-job": job.id, "aria-label": `compare ${job.id}` });
+    pick.checked = state.picked.has(job.id);
+    pick.addEventListener("click", (ev) => ev.stopPropagation()); // picking is not opening the job
+    pick.addEventListener("change", () => {
+      if (pick.checked) state.picked.add(job.id);
+      else state.picked.delete(job.id);
+      updateCompareButton();
+    });
     return h("tr", { class: "job-row", "data-job": job.id, onclick: () => { location.hash = `#/jobs/${job.id}`; } },
+      h("td", { class: "pick" }, pick),
       h("td", {}, h("a", { href: `#/jobs/${job.id}` }, job.name || job.id), h("div", { class: "muted mono" }, job.id)),
       h("td", {}, badge(job.status)),
       h("td", { class: "method" }, method(job)),
@@ -146,16 +158,77 @@ async function renderList(view) {
   }));
   const counts = {};
   for (const j of page.jobs) counts[j.status] = (counts[j.status] || 0) + 1;
+  const compare = h("button", { type: "button", id: "compare-button" });
+  compare.addEventListener("click", () => { location.hash = `#/compare/${[...state.picked].join(",")}`; });
   view.replaceChildren(
     h("div", { class: "page-head" },
       h("h1", {}, "Jobs"),
-      h("div", { class: "summary" }, Object.entries(counts).map(([s, n]) => h("span", {}, badge(s), ` ${n}`)))),
+      h("div", { class: "summary" }, Object.entries(counts).map(([s, n]) => h("span", {}, badge(s), ` ${n}`)), compare)),
     page.jobs.length
       ? h("div", { class: "card flush" }, h("table", { class: "jobs" },
-        h("thead", {}, h("tr", {}, ["Job", "State", "Method", "Backend", "Model / dataset", "Progress", "Loss", "Created"].map((t) => h("th", {}, t)))),
+        h("thead", {}, h("tr", {}, ["", "Job", "State", "Method", "Backend", "Model / dataset", "Progress", "Loss", "Created"].map((t) => h("th", {}, t)))),
         h("tbody", {}, rows)))
       : h("div", { class: "card empty" }, h("p", {}, "No jobs yet."),
         h("p", { class: "muted" }, "Submit one with ", h("code", {}, "qaa-client submit examples/tiny.yaml"), ".")));
+}
+
+function updateCompareButton() {
+  const button = document.getElementById("compare-button");
+  if (!button) return;
+  const n = state.picked.size;
+  button.disabled = n < 2 || n > MAX_COMPARED;
+  button.textContent = n > MAX_COMPARED ? `Compare (at most ${MAX_COMPARED})` : `Compare ${n} jobs`;
+}
+
+// --- comparison ----------------------------------------------------------------------------------------------
+
+// The columns `qaa-client compare` prints: [label, evaluation keys tried in order, digits].
+const COMPARE_COLUMNS = [
+  ["trainable params", ["trainable_params"]], ["trainable share", ["trainable_share"]], ["BLEU", ["bleu"]],
+  ["ROUGE-L", ["rougeL", "rouge_l"]], ["BERTScore F1", ["bertscore_f1"]], ["eval loss", ["eval_loss"]],
+  ["s/step", ["seconds_per_step"]], ["peak MB", ["peak_memory_mb"]],
+];
+
+// A score of a job by name: from its evaluation, or for an evaluate job from its scores on the backend.
+function scoreOf(job, names) {
+  const e = job.evaluation || {};
+  for (const source of [e, e.on_backend || {}]) {
+    for (const n of names) if (typeof source[n] === "number") return source[n];
+  }
+  return null;
+}
+
+async function renderCompare(view, ids) {
+  const jobs = await Promise.all(ids.map((id) => api(`/v1/jobs/${encodeURIComponent(id)}`)));
+  const curves = await Promise.all(jobs.map((j) => loadMetrics(j.id, j.status)));
+  const box = h("div", { class: "chart-box", id: "compare-chart" });
+  const label = (job) => job.name || job.id;
+  view.replaceChildren(
+    h("div", { class: "page-head" },
+      h("div", {}, h("a", { href: "#/", class: "muted" }, "← all jobs"), h("h1", {}, `Comparing ${jobs.length} jobs`))),
+    h("section", { class: "card" }, h("h2", {}, "Loss: train (lines), eval (dots)"), box),
+    h("section", { class: "card flush", id: "compare-scores" }, h("table", { class: "jobs" },
+      h("thead", {}, h("tr", {}, ["Job", "State", "Method", "Backend", ...COMPARE_COLUMNS.map(([t]) => t)].map((t) => h("th", {}, t)))),
+      h("tbody", {}, jobs.map((job, i) => {
+        const swatch = h("i", { class: "swatch" });
+        swatch.style.background = PALETTE[i]; // CSSOM, not a style attribute: allowed by the CSP
+        return h("tr", { "data-job": job.id },
+          h("td", {}, swatch, h("a", { href: `#/jobs/${job.id}` }, label(job))), h("td", {}, badge(job.status)),
+          h("td", { class: "method" }, method(job)), h("td", { class: "backend mono" }, backend(job)),
+          COMPARE_COLUMNS.map(([t, names]) => {
+            const v = scoreOf(job, names);
+            const text = v === null ? "–" : t === "trainable share" ? `${(100 * v).toFixed(4)}%` : formatNumber(v);
+            return h("td", { class: "mono", "data-column": t }, text);
+          }));
+      })))));
+  const lines = jobs.flatMap((job, i) => [
+    series(curves[i], "loss", `loss-${i}`, `${label(job)} train`, PALETTE[i]),
+    series(curves[i], "eval_loss", `eval-${i}`, `${label(job)} eval`, PALETTE[i], true),
+  ]);
+  if (lines.some((l) => l.points.length)) lineChart(box, lines, { yLabel: "loss" });
+  else box.replaceChildren(h("p", { class: "muted" }, "No loss recorded yet."));
+  document.title = `Comparing ${jobs.length} jobs · QAA`;
+  return jobs.every((j) => TERMINAL.has(j.status));
 }
 
 // --- job page ------------------------------------------------------------------------------------------------
@@ -302,10 +375,15 @@ async function refresh() {
   const route = location.hash.replace(/^#/, "") || "/";
   const view = document.getElementById("view");
   const match = route.match(/^\/jobs\/([\w-]+)$/);
+  const compared = route.match(/^\/compare\/([\w,-]+)$/);
   let done = false;
   try {
     if (match) done = await renderJob(view, match[1]);
-    else await renderList(view);
+    else if (compared) done = await renderCompare(view, [...new Set(compared[1].split(","))].filter(Boolean).slice(0, MAX_COMPARED));
+    else {
+      await renderList(view);
+      updateCompareButton();
+    }
     view.dataset.ready = "true";
   } catch (err) {
     showError(view, err);
