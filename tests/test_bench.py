@@ -18,9 +18,9 @@ import pytest
 from stack import Proc, Services, free_port
 
 BENCH_TIMEOUT = 900
-ISSUE_KEYS = ["method", "variant", "group", "dataset", "learning_rate", "trainable_params", "trainable_share", "bleu", "rouge1", "rouge2", "rougeL",
-              "bertscore_f1", "final_train_loss", "eval_loss", "readout_error", "seconds_per_step", "peak_memory_mb",
-              "seeds"]  # fmt: skip
+ISSUE_KEYS = ["method", "variant", "group", "dataset", "learning_rate", "trainable_params", "trainable_share",
+              "bleu", "rouge1", "rouge2", "rougeL", "bertscore_f1", "final_train_loss", "eval_loss", "readout_error",
+              "seconds_per_step", "peak_memory_mb", "seeds"]  # fmt: skip
 SCORES = ["bleu", "rouge1", "rouge2", "rougeL", "bertscore_f1", "final_train_loss", "eval_loss"]
 SIZE = "n=4 L=1 expval, 1 module"
 TRAINED = f"{SIZE}, trained on exact"
@@ -194,8 +194,9 @@ def test_the_grid_chooses_each_methods_rate_by_validation_loss_and_resume_reruns
     with pytest.raises(BenchError, match="no learning rate of the grid succeeded for prefix"):
         choose_rates([*rows, grid("prefix", 1e-2, "failed", None)])
 
+    mitigation = {"readout": "m3", "twirling": False}
     stored = {"name": "x", "training": {"steps": 6, "learning_rate": 2e-3, "warmup_steps": 0},
-              "quantum": {"backend": "fake:FakeManilaV2", "mitigation": {"readout": "m3", "twirling": False}}}  # fmt: skip
+              "quantum": {"backend": "fake:FakeManilaV2", "mitigation": mitigation}}  # fmt: skip
     assert _same_run(
         stored,
         {"name": "x", "training": {"steps": 6, "learning_rate": 2e-3}, "quantum": {"mitigation": {"readout": "m3"}}},
