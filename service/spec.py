@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import re
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -155,40 +156,44 @@ class QAAMethod(QAAShape):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    kind: Literal["qaa"] = "qaa"
+    kind: Literal["qaa"] = Field("qaa", description="qaa")
 
 
 class LoRAMethod(_Strict):
     """PEFT LoRA baseline."""
 
-    kind: Literal["lora"]
-    r: int = Field(8, ge=1, le=1024)
-    lora_alpha: float = Field(16.0, gt=0, le=1e6, allow_inf_nan=False)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    kind: Literal["lora"] = Field(description="lora")
+    r: int = Field(8, ge=1, le=1024, description="Rank of the update B A.")
+    lora_alpha: float = Field(
+        16.0, gt=0, le=1e6, allow_inf_nan=False, description="Scale: the update is alpha / r B A x."
+    )
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
     target_modules: TargetModules = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 class PrefixMethod(_Strict):
     """PEFT prefix tuning baseline."""
 
-    kind: Literal["prefix"]
-    num_virtual_tokens: int = Field(20, ge=1, le=512)
+    kind: Literal["prefix"] = Field(description="prefix")
+    num_virtual_tokens: int = Field(20, ge=1, le=512, description="Trained key/value vectors put before every layer.")
 
 
 class SoRAMethod(_Strict):
     """SoRA: LoRA with a sparse, L1-regularised gate whose strength is `sparse_lambda`."""
 
-    kind: Literal["sora"]
-    r: int = Field(8, ge=1, le=1024)
-    lora_alpha: float = Field(16.0, gt=0, le=1e6, allow_inf_nan=False)
-    sparse_lambda: float = Field(1e-3, ge=0, le=1e3, allow_inf_nan=False)
+    kind: Literal["sora"] = Field(description="sora")
+    r: int = Field(8, ge=1, le=1024, description="Largest rank; the gate's L1 step zeroes ranks while training.")
+    lora_alpha: float = Field(16.0, gt=0, le=1e6, allow_inf_nan=False, description="Scale, as LoRA's.")
+    sparse_lambda: float = Field(
+        1e-3, ge=0, le=1e3, allow_inf_nan=False, description="Strength of the gate's L1 penalty (proximal step)."
+    )
     target_modules: TargetModules = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 class FullMethod(_Strict):
     """Full fine-tuning: every weight trains; no options."""
 
-    kind: Literal["full"]
+    kind: Literal["full"] = Field(description="full")
 
 
 Method = Annotated[
@@ -203,22 +208,26 @@ Method = Annotated[
 class DynamicalDecouplingOptions(_Strict):
     """qiskit-ibm-runtime's dynamical decoupling: pulse sequences in the idle windows of each qubit."""
 
-    enable: bool = False
-    sequence_type: Literal["XX", "XpXm", "XY4"] = "XX"
-    extra_slack_distribution: Literal["middle", "edges"] = "middle"
-    scheduling_method: Literal["alap", "asap"] = "alap"
-    skip_reset_qubits: bool = False
+    enable: bool = Field(False, description="Pad idle windows with the sequence.")
+    sequence_type: Literal["XX", "XpXm", "XY4"] = Field("XX", description="The pulse sequence.")
+    extra_slack_distribution: Literal["middle", "edges"] = Field("middle", description="Where leftover time goes.")
+    scheduling_method: Literal["alap", "asap"] = Field("alap", description="How the circuit is scheduled first.")
+    skip_reset_qubits: bool = Field(False, description="No pulses on qubits just reset.")
 
 
 class TwirlingOptions(_Strict):
     """qiskit-ibm-runtime's Pauli twirling of gates and measurements (each randomization is another circuit)."""
 
-    enable_gates: bool | None = None
-    enable_measure: bool | None = None
-    group: Literal["pauli", "balanced_pauli", "local_c1", "local_pauli"] = "pauli"
-    num_randomizations: Literal["auto"] | int = "auto"
-    shots_per_randomization: Literal["auto"] | int = "auto"
-    strategy: Literal["active", "active-accum", "active-circuit", "all"] = "active-accum"
+    enable_gates: bool | None = Field(None, description="Twirl the 2-qubit gates.")
+    enable_measure: bool | None = Field(None, description="Twirl the measurements (TREX).")
+    group: Literal["pauli", "balanced_pauli", "local_c1", "local_pauli"] = Field(
+        "pauli", description="The twirling group."
+    )
+    num_randomizations: Literal["auto"] | int = Field("auto", description="Randomized circuits per parameter set.")
+    shots_per_randomization: Literal["auto"] | int = Field("auto", description="Shots of each randomized circuit.")
+    strategy: Literal["active", "active-accum", "active-circuit", "all"] = Field(
+        "active-accum", description="Which qubits are twirled in each layer."
+    )
 
     @field_validator("num_randomizations", "shots_per_randomization", mode="before")
     @classmethod
@@ -232,16 +241,18 @@ class TwirlingOptions(_Strict):
 class ExecutionOptions(_Strict):
     """What the device does between shots; `rep_delay` bounded by IBM devices' own range (up to 500 us)."""
 
-    init_qubits: bool = True
-    rep_delay: float | None = Field(None, ge=0, le=5e-4, allow_inf_nan=False)
+    init_qubits: bool = Field(True, description="Reset the qubits before each shot.")
+    rep_delay: float | None = Field(
+        None, ge=0, le=5e-4, allow_inf_nan=False, description="Seconds between shots; the device's default if null."
+    )
 
 
 class PrimitiveOptions(_Strict):
     """The runtime Sampler options a spec may set (an allowlist with bounded values: anything else is a 422)."""
 
-    dynamical_decoupling: DynamicalDecouplingOptions | None = None
-    twirling: TwirlingOptions | None = None
-    execution: ExecutionOptions | None = None
+    dynamical_decoupling: DynamicalDecouplingOptions | None = Field(None, description="Dynamical decoupling.")
+    twirling: TwirlingOptions | None = Field(None, description="Pauli twirling of gates and measurements.")
+    execution: ExecutionOptions | None = Field(None, description="What the device does between shots.")
     max_execution_time: int | None = Field(None, ge=1, le=10_800, description="Seconds of QPU time per runtime job.")
 
 
@@ -253,13 +264,21 @@ class QuantumOptions(_Strict):
     backends rather than silently ignored.
     """
 
-    backend: str = "exact"
+    backend: str = Field("exact", description="exact | aer | fake:<FakeBackend> | ibm:<backend>.")
     shots: int | None = Field(None, ge=1, le=1_000_000, description="None = exact expectations if allowed.")
-    gradient: Gradient | None = Field(None, validate_default=True)
-    input_grad: Literal["shift", "none"] = "shift"
-    embedding: Literal["gates", "direct"] = "gates"
-    optimization_level: int = Field(1, ge=0, le=3)
-    spsa_samples: int = Field(1, ge=1, le=100)
+    gradient: Gradient | None = Field(
+        None,
+        validate_default=True,
+        description="exact (exact backend only) | parameter-shift | spsa; by backend when unset.",
+    )
+    input_grad: Literal["shift", "none"] = Field(
+        "shift", description="Gradients into the layer input by parameter-shift, or none (a frozen input)."
+    )
+    embedding: Literal["gates", "direct"] = Field(
+        "gates", description="gates: the preparation circuit; direct (simulators): the ideal state."
+    )
+    optimization_level: int = Field(1, ge=0, le=3, description="Qiskit transpiler optimization level.")
+    spsa_samples: int = Field(1, ge=1, le=100, description="spsa: perturbations averaged per step.")
     max_circuits: int = Field(10_000_000, ge=1, le=10**12, description="Budget; the job is refused above it.")
     max_shots: int = Field(10**9, ge=1, le=10**15, description="Budget; the job is refused above it.")
     max_qpu_seconds: float | None = Field(
@@ -389,16 +408,34 @@ class QuantumOptions(_Strict):
 class TrainingOptions(_Strict):
     """The optimisation loop. `eval_every` and `checkpoint_every` of 0 mean "only at the end"."""
 
-    steps: int = Field(200, ge=1, le=MAX_STEPS)
-    batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
-    max_length: int = Field(64, ge=8, le=MAX_LENGTH)
-    learning_rate: float = Field(2e-3, gt=0, le=1.0, allow_inf_nan=False)
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    eval_every: int = Field(50, ge=0, le=MAX_STEPS)
-    checkpoint_every: int = Field(25, ge=0, le=MAX_STEPS)
-    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
-    weight_decay: float = Field(0.0, ge=0, le=1.0, allow_inf_nan=False)
-    grad_clip: float | None = Field(1.0, gt=0, le=1e6, allow_inf_nan=False, description="None = no clipping.")
+    steps: int = Field(200, ge=1, le=MAX_STEPS, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE, description="Examples per step.")
+    max_length: int = Field(
+        64,
+        ge=8,
+        le=MAX_LENGTH,
+        description="Tokens per example, prompt and completion (the prompt's start is cut first).",
+    )
+    learning_rate: float = Field(
+        2e-3, gt=0, le=1.0, allow_inf_nan=False, description="AdamW's peak rate (cosine decay to zero after warmup)."
+    )
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seeds the data order, dropout and the adapter's initial weights."
+    )
+    eval_every: int = Field(
+        50,
+        ge=0,
+        le=MAX_STEPS,
+        description="Steps between eval-loss passes over the validation split; 0 = at the end only.",
+    )
+    checkpoint_every: int = Field(
+        25, ge=0, le=MAX_STEPS, description="Steps between checkpoints a stopped job resumes from; 0 = none."
+    )
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warmup of the learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=1.0, allow_inf_nan=False, description="AdamW weight decay.")
+    grad_clip: float | None = Field(
+        1.0, gt=0, le=1e6, allow_inf_nan=False, description="Gradient-norm clip; null = no clipping."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="Where the model (and the exact engine) trains: `cuda` goes to the gpu queue and needs a GPU "
@@ -417,9 +454,14 @@ class TrainingOptions(_Strict):
 class EvaluationOptions(_Strict):
     """Generation-based evaluation after training; `samples: 0` skips it."""
 
-    metrics: list[Metric] = Field(default_factory=lambda: ["bleu", "rouge", "bertscore"])
-    max_new_tokens: int = Field(48, ge=1, le=MAX_NEW_TOKENS)
-    samples: int = Field(100, ge=0, le=MAX_EVAL_SAMPLES)
+    metrics: list[Metric] = Field(
+        default_factory=lambda: ["bleu", "rouge", "bertscore"],
+        description="Scores of the generations against every reference of their prompt: bleu, rouge, bertscore.",
+    )
+    max_new_tokens: int = Field(48, ge=1, le=MAX_NEW_TOKENS, description="Greedy tokens generated per test prompt.")
+    samples: int = Field(
+        100, ge=0, le=MAX_EVAL_SAMPLES, description="Test prompts generated and scored after training; 0 = none."
+    )
 
     @field_validator("metrics")
     @classmethod
@@ -453,10 +495,14 @@ class JobSpec(_Strict):
         description="builtin:<name>, ds_<id> from POST /v1/datasets, or a path inside a folder the server allows.",
         json_schema_extra={"pattern": r"^(builtin:[a-z0-9][a-z0-9._-]*|ds_[0-9a-f]{8,64}|/.+)$"},
     )
-    method: Method = Field(default_factory=QAAMethod)
+    method: Method = Field(
+        default_factory=QAAMethod, description="The adaptation method (`kind`) and its options; QAA by default."
+    )
     quantum: QuantumOptions | None = Field(None, validate_default=True, description="Only for kind qaa.")
-    training: TrainingOptions = Field(default_factory=TrainingOptions)
-    evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
+    training: TrainingOptions = Field(default_factory=TrainingOptions, description="The training loop.")
+    evaluation: EvaluationOptions = Field(
+        default_factory=EvaluationOptions, description="Generation and scoring after training."
+    )
     adapter_from: str | None = Field(
         None,
         pattern=JOB_ID,
@@ -559,6 +605,43 @@ def parse_spec(data: Any) -> JobSpec:
     return JobSpec.model_validate(data)
 
 
+def _unknown_key(loc: tuple[int | str, ...]) -> str | None:
+    """'unknown key ...' with the nearest allowed key and the allowed keys of the block at `loc[:-1]`."""
+    import difflib
+
+    model = _model_at(loc[:-1])
+    if model is None or not isinstance(loc[-1], str):
+        return None
+    allowed = list(model.model_fields)
+    near = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return f"unknown key {loc[-1]!r}{hint} Allowed here: {', '.join(allowed)}"
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (through Optional, unions and Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The spec model of the block at a pydantic error location (a tagged union's tag picks its member)."""
+    model: type[BaseModel] = JobSpec
+    parts = list(loc)
+    while parts:
+        field = model.model_fields.get(parts.pop(0)) if isinstance(parts[0], str) else None
+        candidates = _models_in(field.annotation) if field is not None else []
+        if len(candidates) > 1 and parts:  # `method`: the next part is the member's `kind`
+            tag = parts.pop(0)
+            candidates = [m for m in candidates if "kind" in m.model_fields
+                          and tag in typing.get_args(m.model_fields["kind"].annotation)]  # fmt: skip
+        if len(candidates) != 1:
+            return None
+        model = candidates[0]
+    return model
+
+
 def error_path(loc: tuple[int | str, ...]) -> str:
     """`('method', 'qaa', 'qubits')` -> `method.qubits`: drop pydantic's union tag, index lists as `[i]`."""
     parts: list[str] = []
@@ -581,5 +664,7 @@ def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
             msg = msg[len("Value error, ") :]
         elif err["type"] == "union_tag_not_found":  # pydantic's wording hides which key is missing
             msg = f"'kind' is required: one of {', '.join(METHOD_KINDS)}"
+        elif err["type"] == "extra_forbidden":
+            msg = _unknown_key(tuple(err["loc"])) or msg
         out.append({"path": error_path(tuple(err["loc"])), "message": msg, "type": err["type"]})
     return out

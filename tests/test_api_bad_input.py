@@ -37,7 +37,7 @@ CASES = [
         "/v1/jobs",
         spec(training__learning_rte=0.1),
         422,
-        "not permitted",
+        "did you mean 'learning_rate'?",
         "training.learning_rte",
     ),
     ("unknown-backend", "POST", "/v1/jobs", spec(quantum__backend="warp"), 422, "backend must be", "quantum.backend"),

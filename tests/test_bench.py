@@ -121,7 +121,7 @@ def test_quick_bench_runs_every_row_as_a_job_and_writes_the_table(tmp_path):
     assert record["budget"]["model"] == "builtin:tiny-llama" and record["budget"]["steps"] == 6
     assert record["command"] == f"qaa bench --quick --out {out}"
     assert record["failures"] == [] and record["wall_seconds"] > 0
-    assert record["targets"]["qaa_over_lora_params"] < 0.5
+    assert record["targets"]["qaa_over_lora_params"] < 0.5 and record["targets"]["qaa_minus_prefix_bleu"] is not None
     assert set(record["targets"]["met"]) >= {"bleu_within_1_of_lora", "at_most_half_lora_params"}
     store = services.store()
     try:

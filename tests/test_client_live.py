@@ -105,7 +105,7 @@ def test_an_invalid_spec_shows_the_servers_field_level_messages(live):
     result = live.cli("submit", TINY, *overrides)
     assert result.exit_code == 2
     assert "method.qubits: qubits must be 'auto' or an integer between 1 and 16, got 99" in result.stderr
-    assert "training.learning_rte: Extra inputs are not permitted" in result.stderr
+    assert "training.learning_rte: unknown key 'learning_rte'; did you mean 'learning_rate'?" in result.stderr
 
     spec = yaml.safe_load(Path(TINY).read_text())
     spec["method"]["qubits"] = 99

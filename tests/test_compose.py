@@ -92,6 +92,29 @@ def test_the_image_is_multi_stage_non_root_and_cpu_by_default():
         assert f"COPY {package} {package}" in dockerfile
 
 
+def test_the_image_installs_what_the_default_spec_and_the_demo_need():
+    """No Docker here: the Dockerfile's install line and working directory are checked against what the default
+    metrics import and the demo reads."""
+    from service.spec import EvaluationOptions
+    from workers.evaluation import MINILM_PACKAGE
+
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    assert re.search(r'^RUN pip install "\.\$\{EXTRAS:\+\[\$EXTRAS\]\}"', dockerfile, flags=re.M)  # no extra by default
+    installed = {re.split(r"[<>=\[ ]", d, maxsplit=1)[0].lower() for d in
+                 tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}  # fmt: skip
+    imports = {"bleu": ["sacrebleu"], "rouge": ["rouge-score"], "bertscore": ["bert-score", MINILM_PACKAGE]}
+    for metric in EvaluationOptions().metrics:  # every default metric's packages, without the dev extra
+        for package in imports[metric]:
+            assert package.replace("_", "-") in installed, (metric, package)
+    workdir = re.findall(r"^WORKDIR (\S+)$", dockerfile, flags=re.M)[-1]
+    copied = dict(re.findall(r"^COPY --chown=qaa:qaa (\S+) (\S+)$", dockerfile, flags=re.M))
+    defaults = {p.name: p.default for p in typer.main.get_command(qaa_app).get_command(None, "demo").params}
+    for option in ("spec", "hardware_spec"):  # the demo's default specs resolve inside the image
+        path = defaults[option]
+        folder, _, name = path.partition("/")
+        assert copied.get(folder) == f"{workdir}/{folder}" and (REPO / folder / name).is_file(), path
+
+
 def local(command: list[str], **replace: str) -> list[str]:
     """A compose command as a local process: `qaa` is this checkout's CLI; `--flag value` pairs replaced."""
     args = [sys.executable, "-m", "workers.cli", *command[1:]]

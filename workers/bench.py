@@ -381,7 +381,8 @@ def summarize(row: Row) -> dict[str, Any]:
 def targets(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The issue's targets on the measured means: QAA (default row) within 1.0 BLEU and 0.01 BERTScore F1 of
     LoRA r=8 with at most half its trainable parameters, and above prefix tuning."""
-    by = {m: next((r for r in rows if r["method"] == m), None) for m in ("qaa", "lora", "prefix")}  # headline first
+    by = {m: next((r for r in rows if r["method"] == m and r["group"] == "headline"), None)
+          for m in ("qaa", "lora", "prefix")}  # fmt: skip
     qaa, lora, prefix = by["qaa"], by["lora"], by["prefix"]
 
     def diff(a: dict | None, b: dict | None, key: str) -> float | None:
@@ -509,7 +510,7 @@ def plot_curves(plan_rows: Sequence[Row], path: Path) -> None:
     fig = Figure(figsize=(14, 5.5), dpi=110)
     main, hardware = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     for row in plan_rows:
-        if not row.points:
+        if not row.points or row.group == "grid":  # the rate grid is in the table; the plot shows the rows it chose
             continue
         points = _smoothed(row.points[min(row.points)])
         ax = hardware if row.group == "hardware" else main
@@ -614,8 +615,8 @@ def run_bench(*, url: str | None = None, quick: bool = False, seeds: int | None 
         jobs = [(row, seed) for seed in range(budget.seeds) for row in rows if seed in row.seeds]
         grid = [(row, seed) for row, seed in jobs if row.group == "grid"]
         rest = [(row, seed) for row, seed in jobs if row.group != "grid"]
-        console.print(f"qaa bench: {len(rows)} rows, {len(jobs)} jobs ({len(done)} finished before); results in "
-                      f"{out}/", markup=False)  # fmt: skip
+        console.print(f"qaa bench: {len(rows)} rows, {len(jobs)} jobs ({len(done)} kept from an earlier run); "
+                      f"results in {out}/", markup=False)  # fmt: skip
         for phase in (grid, rest):
             if phase is rest:
                 record["learning_rates"] = choose_rates(rows)
