@@ -265,7 +265,9 @@ class QuantumOptions(_Strict):
     """
 
     backend: str = Field("exact", description="exact | aer | fake:<FakeBackend> | ibm:<backend>.")
-    shots: int | None = Field(None, ge=1, le=1_000_000, description="None = exact expectations if allowed.")
+    shots: int | None = Field(
+        None, ge=1, le=1_000_000, description="Shots per circuit; null = exact expectations where the backend allows."
+    )
     gradient: Gradient | None = Field(
         None,
         validate_default=True,

@@ -8,6 +8,7 @@ either differs from what this module generates.
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,43 @@ def write() -> None:
 
 if __name__ == "__main__":
     write()
+
+
+#: What `qaa-client spec init` fills in beyond the defaults: a model and data that run offline.
+STARTER = {"name": "my-{kind}-job", "model": "builtin:smollm2-135m", "dataset": "builtin:e2e"}
+#: The quantum keys a starter shows (the rest are in docs/spec.md).
+STARTER_QUANTUM = ("backend", "shots", "gradient")
+
+
+def _line(indent: str, key: str, value: Any, comment: str) -> str:
+    text = f"{indent}{key}: {json.dumps(value)}"
+    return f"{text:<40} # {comment}" if comment else text
+
+
+def starter(kind: str) -> str:
+    """A commented job spec for `method.kind: kind`, every value its default (`qaa-client spec init`)."""
+    from service.spec import METHOD_KINDS
+
+    if kind not in METHOD_KINDS:
+        raise ValueError(f"method kind must be one of {', '.join(METHOD_KINDS)}, got {kind!r}")
+    classes = _models(JobSpec)
+    method = next(m for m in _models_in(JobSpec.model_fields["method"].annotation)
+                  if kind in typing.get_args(m.model_fields["kind"].annotation))  # fmt: skip
+    lines = [f"# A {kind} job: `qaa-client submit FILE --watch`. Every key, its bounds and more: docs/spec.md."]
+    for key, value in STARTER.items():
+        lines.append(_line("", key, value.format(kind=kind), JobSpec.model_fields[key].description or ""))
+    lines.append("method:")
+    lines.append(_line("  ", "kind", kind, ""))
+    for key, field in method.model_fields.items():
+        if key != "kind":
+            lines.append(_line("  ", key, field.get_default(call_default_factory=True), field.description or ""))
+    if kind == "qaa":
+        lines.append("quantum:                                 # where the circuits run")
+        for key in STARTER_QUANTUM:
+            field = classes["QuantumOptions"].model_fields[key]
+            lines.append(_line("  ", key, field.get_default(call_default_factory=True), field.description or ""))
+    for block in ("training", "evaluation"):
+        lines.append(f"{block}:")
+        for key, field in classes[JobSpec.model_fields[block].annotation.__name__].model_fields.items():
+            lines.append(_line("  ", key, field.get_default(call_default_factory=True), field.description or ""))
+    return "\n".join(lines) + "\n"

@@ -301,3 +301,45 @@ def test_the_licence_file_is_the_one_pyproject_names():
     assert project["license"] == {"text": "Apache-2.0"}
     assert "Apache License" in licence and "Version 2.0, January 2004" in licence
     assert "END OF TERMS AND CONDITIONS" in licence
+
+
+# --- the spec reference, offline validation and starters ---------------------------------------------------------
+
+
+def test_the_spec_reference_and_the_json_schema_are_the_generated_ones():
+    from service import spec_reference
+
+    assert (REPO / "docs" / "spec.md").read_text() == spec_reference.markdown()
+    assert json.loads((REPO / "jobspec.schema.json").read_text()) == spec_reference.json_schema()
+    schema = spec_reference.json_schema()
+    blocks = [schema, *schema["$defs"].values()]
+    undocumented = [k for b in blocks for k, p in b.get("properties", {}).items() if not p.get("description")]
+    assert undocumented == []  # every key says what it means
+
+
+@pytest.mark.parametrize("kind", ["qaa", "lora", "prefix", "sora", "full"])
+def test_spec_init_writes_a_commented_starter_that_is_the_defaults(kind, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["spec", "init", "--method", kind])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("# ") >= 10  # commented, line by line
+    started = parse_spec(yaml.safe_load(result.output))
+    defaults = parse_spec({"name": f"my-{kind}-job", "model": "builtin:smollm2-135m", "dataset": "builtin:e2e",
+                           "method": {"kind": kind}})  # fmt: skip
+    assert started == defaults
+    path = tmp_path / "job.yaml"
+    assert runner.invoke(app, ["spec", "init", "--method", kind, "--out", str(path)]).exit_code == 0
+    assert runner.invoke(app, ["spec", "init", "--out", str(path)]).exit_code == 2  # never overwritten
+    valid = runner.invoke(app, ["spec", "validate", str(path)])
+    assert valid.exit_code == 0 and f"valid (train, method {kind}" in valid.output
+
+
+def test_spec_validate_gives_the_servers_messages_offline(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("model: builtin:tiny-llama\ndataset: builtin:e2e\nmethod: {kind: qaa, qubits: 99}\n"
+                    "training: {stepz: 3}\n")  # fmt: skip
+    result = CliRunner().invoke(app, ["spec", "validate", str(path), "-o", "json"])
+    assert result.exit_code == 2
+    errors = {e["path"]: e["message"] for e in json.loads(result.output)["errors"]}
+    assert errors["method.qubits"] == "qubits must be 'auto' or an integer between 1 and 16, got 99"
+    assert errors["training.stepz"].startswith("unknown key 'stepz'; did you mean 'steps'?")
