@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -168,6 +169,25 @@ class ApiClient:
                 content=_chunks(f),
                 headers={"Content-Type": "application/x-ndjson", "Content-Length": str(path.stat().st_size)},
             )
+
+    def datasets(self) -> list[JSONDict]:
+        return self._json("GET", "/v1/datasets")
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._send("DELETE", f"/v1/datasets/{quote(dataset_id, safe='')}")
+
+    # --- credentials ----------------------------------------------------------------------------------------
+
+    def set_ibm_token(self, token: str, instance: str | None = None) -> JSONDict:
+        """PUT the token (in the body only: never in a URL, a log line or an answer)."""
+        body = {"token": token, **({"instance": instance} if instance else {})}
+        return self._json("PUT", "/v1/credentials/ibm", json=body)
+
+    def credentials(self) -> list[JSONDict]:
+        return self._json("GET", "/v1/credentials")
+
+    def delete_ibm_token(self) -> None:
+        self._send("DELETE", "/v1/credentials/ibm")
 
 
 def _chunks(f) -> Iterator[bytes]:

@@ -3,13 +3,15 @@
 Exit codes, for scripts: 0 done, 1 the job failed or was cancelled, 2 usage (bad flags, an unreadable or
 invalid spec, any other refused request), 3 the server is unreachable or failing (5xx), 4 the API key was
 refused, 5 a download failed its integrity check (a SHA-256 that differs from the server's, an unsafe name).
-Every command takes `--output json`, which prints the API's JSON (errors too, as `{"error": ...}`).
+Every command takes `--output json`, which prints the API's JSON (errors too, as `{"error": ...}`); following a
+job (`watch`, `submit --watch`) then streams JSON Lines, one `{"job", "points"}` object per poll, the last one final.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import sys
 from collections.abc import Iterator
 from enum import StrEnum
@@ -44,6 +46,10 @@ app = typer.Typer(
 add_version_option(app, "qaa-client")
 spec_app = typer.Typer(help="Job spec files, offline: write a commented starter, check a file.", no_args_is_help=True)
 app.add_typer(spec_app, name="spec")
+datasets_app = typer.Typer(help="Your uploaded datasets (JSONL of {prompt, completion}).", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+credentials_app = typer.Typer(help="Secrets the server keeps for you: the IBM Quantum token.", no_args_is_help=True)
+app.add_typer(credentials_app, name="credentials")
 
 
 class Output(StrEnum):
@@ -160,6 +166,102 @@ def submit(
     exit_for(job)
 
 
+@app.command()
+def resubmit(
+    job_id: Annotated[str, typer.Argument(help="The job whose spec to submit again.", show_default=False)],
+    set_: SetOpt = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Follow the new job to its end.")] = False,
+    interval: IntervalOpt = 1.0,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Submit a job's spec again, changed by --set (e.g. --set training.steps=400). Prints the new job id."""
+    with connected(url, api_key, output) as api:
+        try:
+            spec = apply_overrides(api.get_job(job_id)["spec"], set_ or [])
+        except SpecFileError as exc:
+            fail(EXIT_USAGE, str(exc), output)
+        job = _submit(api, spec, watch, interval, output)
+    exit_for(job)
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    path: Annotated[Path, typer.Argument(help="A JSONL file of {prompt, completion} lines.", show_default=False)],
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Upload a dataset; prints its id (use it as `dataset: ds_...` in a spec)."""
+    if not path.is_file():
+        fail(EXIT_USAGE, f"{path} is not a file", output)
+    with connected(url, api_key, output) as api:
+        dataset = api.upload_dataset(path)
+    show(output, dataset, dataset["id"])
+
+
+@datasets_app.command("list")
+def datasets_list(url: UrlOpt = None, api_key: KeyOpt = None, output: OutputOpt = Output.text) -> None:
+    """Your datasets, newest first."""
+    with connected(url, api_key, output) as api:
+        rows = api.datasets()
+    table = Table("id", "name", "rows", "bytes", "created")
+    for d in rows:
+        table.add_row(d["id"], str(d.get("name")), str(d.get("rows")), str(d.get("size")), str(d.get("created_at")))
+    show(output, rows, table)
+
+
+@datasets_app.command("delete")
+def datasets_delete(
+    dataset_id: str, url: UrlOpt = None, api_key: KeyOpt = None, output: OutputOpt = Output.text
+) -> None:
+    """Delete a dataset (refused while a queued or running job names it)."""
+    with connected(url, api_key, output) as api:
+        api.delete_dataset(dataset_id)
+    show(output, {"deleted": dataset_id}, f"deleted {dataset_id}")
+
+
+@credentials_app.command("set-ibm")
+def credentials_set_ibm(
+    instance: Annotated[
+        str | None, typer.Option("--instance", help="IBM Cloud instance (CRN), if yours needs one.")
+    ] = None,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Store your IBM Quantum token for `ibm:` jobs. The token is read from stdin (piped) or a hidden prompt,
+    never from the command line, where it would stay in the shell's history."""
+    token = (
+        sys.stdin.readline().strip() if not sys.stdin.isatty() else typer.prompt("IBM Quantum token", hide_input=True)
+    )
+    if not token:
+        fail(EXIT_USAGE, "no token given (pipe it on stdin, or type it at the prompt)", output)
+    with connected(url, api_key, output) as api:
+        stored = api.set_ibm_token(token, instance)
+    show(output, stored, "IBM Quantum token stored (write-only: the server never shows it again)")
+
+
+@credentials_app.command("show")
+def credentials_show(url: UrlOpt = None, api_key: KeyOpt = None, output: OutputOpt = Output.text) -> None:
+    """Which credentials are stored (never their secrets)."""
+    with connected(url, api_key, output) as api:
+        rows = api.credentials()
+    table = Table(*(rows[0].keys() if rows else ["kind"]))
+    for r in rows:
+        table.add_row(*(str(v) for v in r.values()))
+    show(output, rows, table if rows else "no credentials stored")
+
+
+@credentials_app.command("delete")
+def credentials_delete(url: UrlOpt = None, api_key: KeyOpt = None, output: OutputOpt = Output.text) -> None:
+    """Forget your IBM Quantum token."""
+    with connected(url, api_key, output) as api:
+        api.delete_ibm_token()
+    show(output, {"deleted": "ibm"}, "IBM Quantum token deleted")
+
+
 @spec_app.command("validate")
 def spec_validate(path: SpecArg, set_: SetOpt = None, output: OutputOpt = Output.text) -> None:
     """Check a spec file without a server, with the server's own messages (exit 2 if it is invalid)."""
@@ -262,18 +364,34 @@ def _submit(api: ApiClient, spec: dict[str, Any], watch: bool, interval: float, 
 
 
 def _watch(api: ApiClient, job_id: str, interval: float, output: Output) -> dict[str, Any]:
+    """Follow a job: a live bar on stderr (text), or one JSON line per poll on stdout (json: `{"job": ...,
+    "points": [the metric points new since the line before]}`; the last line holds the final job)."""
     try:
         if output is Output.json:
-            job, _ = follow(api, job_id, interval=interval)
+            job, _ = follow(api, job_id, interval=interval, on_poll=_json_lines())
         else:
             job, _ = watch_live(api, job_id, render.console(stderr=True), interval=interval)
     except KeyboardInterrupt:
         note(output, f"stopped watching; the job goes on (qaa-client cancel {job_id} stops it)")
         raise typer.Exit(130) from None
-    show(output, job, *render.job_tables(job))
+    if output is Output.text:
+        show(output, job, *render.job_tables(job))
     if job["status"] in ("failed", "cancelled"):
         note(output, f"job {job_id} {job['status']}" + (f": {job['error']}" if job.get("error") else ""))
     return job
+
+
+def _json_lines():
+    """`follow`'s on_poll for `-o json`: each poll one line, flushed, so a pipe sees it at once."""
+    sent = 0
+
+    def emit(job: dict[str, Any], counters: Any) -> None:
+        nonlocal sent
+        sys.stdout.write(json.dumps({"job": job, "points": counters.points[sent:]}, default=str) + "\n")
+        sys.stdout.flush()
+        sent = len(counters.points)
+
+    return emit
 
 
 def note(output: Output, message: str) -> None:

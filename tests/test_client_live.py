@@ -186,11 +186,16 @@ def test_backends_lists_what_the_server_offers(live):
 # --- jobs on the real worker -------------------------------------------------------------------------------
 
 
+def last_job(stdout: str) -> dict:
+    """The final job of a followed job's JSON Lines (one `{"job", "points"}` object per poll)."""
+    return json.loads(stdout.strip().splitlines()[-1])["job"]
+
+
 def run_to_end(live: Live, *args: str) -> dict:
     """`submit ... --watch --output json`: the finished job."""
     result = live.cli("submit", *args, "--watch", "--interval", "0.3", "--output", "json")
     assert result.exit_code in (0, 1), result.output
-    return json.loads(result.stdout)
+    return last_job(result.stdout)
 
 
 @needs_trainer
@@ -220,15 +225,21 @@ def test_submit_and_watch_the_tiny_job_to_the_end(live, worker):
 
     status = live.cli("status", job_id)
     assert status.exit_code == 0 and "succeeded" in status.stdout and "5/5" in status.stdout
-    assert live.json("watch", job_id) == job  # watching a finished job returns at once
+    watched = live.cli("watch", job_id, "--output", "json")
+    assert watched.exit_code == 0 and last_job(watched.stdout) == job  # a finished job: one line, at once
+    assert len(watched.stdout.strip().splitlines()) == 1
 
 
 @needs_trainer
 @pytest.mark.slow
 def test_metrics_and_download_match_the_api(live, worker, tmp_path):
-    job = run_to_end(live, TINY, "--set", "training.steps=3")
-    assert job["status"] == "succeeded"
+    followed = live.cli("submit", TINY, "--set", "training.steps=3", "--watch", "--interval", "0.3", "-o", "json")
+    lines = [json.loads(line) for line in followed.stdout.strip().splitlines()]  # JSON Lines, one per poll
+    job = lines[-1]["job"]
+    assert job["status"] == "succeeded" and all(line["job"]["id"] == job["id"] for line in lines)
     points = live.http.get(f"/v1/jobs/{job['id']}/metrics").json()["points"]
+    streamed = [p["step"] for line in lines for p in line["points"]]
+    assert streamed == [p["step"] for p in points]  # every step once, in order, as it came
     assert live.json("metrics", job["id"]) == points
     rows = list(csv.DictReader(io.StringIO(live.cli("metrics", job["id"], "--format", "csv").stdout)))
     assert [int(r["step"]) for r in rows] == [p["step"] for p in points]
@@ -341,7 +352,7 @@ def test_evaluate_a_trained_adapter_on_a_fake_device_then_fine_tune_from_it(live
         "--samples", "1", "--watch", "--interval", "0.3", "--output", "json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    job = json.loads(result.stdout)
+    job = last_job(result.stdout)
     assert job["status"] == "succeeded", job["error"]
     assert (job["spec"]["kind"], job["spec"]["adapter_from"]) == ("evaluate", trained["id"])
     report = job["evaluation"]
@@ -353,3 +364,32 @@ def test_evaluate_a_trained_adapter_on_a_fake_device_then_fine_tune_from_it(live
     assert tuned["status"] == "succeeded", tuned["error"]
     refused = live.cli("submit", TINY, "--set", "init_from=job_" + "0" * 24)
     assert refused.exit_code == 2 and "init_from: no job" in refused.stderr
+
+
+def test_datasets_credentials_and_resubmit_have_their_commands(live, tmp_path):
+    upload = tmp_path / "cafes.jsonl"
+    upload.write_bytes((REPO / "examples" / "cafes.jsonl").read_bytes())
+    dataset = live.json("datasets", "upload", str(upload))
+    assert dataset["rows"] == 4 and dataset["id"].startswith("ds_")
+    assert dataset["id"] in [d["id"] for d in live.json("datasets", "list")]
+    assert dataset["id"] in live.cli("datasets", "list").stdout
+
+    token = "ibm-token-not-for-any-log-1234567890"
+    stored = CliRunner().invoke(app, ["credentials", "set-ibm"], input=token + "\n", env=live.env)
+    assert stored.exit_code == 0, stored.output
+    assert token not in stored.output  # stdin in, nothing echoed
+    shown = live.json("credentials", "show")
+    assert [c["kind"] for c in shown] == ["ibm"] and token not in json.dumps(shown)
+    assert live.cli("credentials", "delete").exit_code == 0 and live.json("credentials", "show") == []
+    assert live.cli("credentials", "delete").exit_code == 2  # nothing left to delete: the server's 404
+
+    first = live.json("submit", TINY, "--set", "training.steps=2")
+    again = live.json("resubmit", first["id"], "--set", "training.steps=3", "--set", f"dataset={dataset['id']}")
+    assert again["id"] != first["id"]
+    spec = live.http.get(f"/v1/jobs/{again['id']}").json()["spec"]
+    assert spec["training"]["steps"] == 3 and spec["dataset"] == dataset["id"]
+    assert spec["method"] == live.http.get(f"/v1/jobs/{first['id']}").json()["spec"]["method"]
+    for job in (first, again):
+        live.cli("cancel", job["id"])
+    assert live.cli("datasets", "delete", dataset["id"]).exit_code == 0
+    assert dataset["id"] not in [d["id"] for d in live.json("datasets", "list")]
