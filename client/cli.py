@@ -38,7 +38,7 @@ app = typer.Typer(
     help="Submit, watch and compare QAA training jobs (exit codes: 0 done, 1 job failed or cancelled, "
     "2 usage, 3 server unreachable, 4 key refused, 5 a download failed its integrity check).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
 )
 

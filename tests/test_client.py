@@ -343,3 +343,16 @@ def test_spec_validate_gives_the_servers_messages_offline(tmp_path):
     errors = {e["path"]: e["message"] for e in json.loads(result.output)["errors"]}
     assert errors["method.qubits"] == "qubits must be 'auto' or an integer between 1 and 16, got 99"
     assert errors["training.stepz"].startswith("unknown key 'stepz'; did you mean 'steps'?")
+
+
+def test_both_clis_complete_their_commands_in_the_shell():
+    for prog, words, expected in (("qaa-client", "qaa-client spec ", {"init", "validate"}),
+                                  ("qaa", "qaa ke", {"keys"})):  # fmt: skip
+        script = Path(sys.executable).parent / prog
+        env = {"PATH": "/usr/bin:/bin", f"_{prog.upper().replace('-', '_')}_COMPLETE": "complete_bash",
+               "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))}  # fmt: skip
+        done = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert set(done.stdout.split()) >= expected, (prog, done.stdout, done.stderr)
+        shown = subprocess.run([str(script), "--show-completion", "bash"], capture_output=True, text=True, timeout=60,
+                               env={"PATH": "/usr/bin:/bin", "SHELL": "/bin/bash"})  # fmt: skip
+        assert f"complete -o default -F _{prog.replace('-', '_')}_completion {prog}" in shown.stdout
