@@ -349,8 +349,9 @@ def test_both_clis_complete_their_commands_in_the_shell():
     for prog, words, expected in (("qaa-client", "qaa-client spec ", {"init", "validate"}),
                                   ("qaa", "qaa ke", {"keys"})):  # fmt: skip
         script = Path(sys.executable).parent / prog
+        cword = len(words.split()) - (0 if words.endswith(" ") else 1)  # the word being completed
         env = {"PATH": "/usr/bin:/bin", f"_{prog.upper().replace('-', '_')}_COMPLETE": "complete_bash",
-               "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))}  # fmt: skip
+               "COMP_WORDS": words, "COMP_CWORD": str(cword)}  # fmt: skip
         done = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
         assert set(done.stdout.split()) >= expected, (prog, done.stdout, done.stderr)
         shown = subprocess.run([str(script), "--show-completion", "bash"], capture_output=True, text=True, timeout=60,
