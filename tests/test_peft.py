@@ -207,3 +207,35 @@ def test_the_qaa_document_names_every_field_and_its_spec_block_is_valid():
         ).qaa_config()
     )  # fmt: skip  (the defaults)
     assert not re.search(r"DESIGN\.md", text)
+
+
+def test_a_downloaded_adapter_runs_in_a_plain_transformers_script(tiny, tmp_path, monkeypatch, capsys):
+    """examples/use_adapter.py on a trained job's artifacts (here: a PEFT QAA adapter saved as the trainer saves it)
+    prints what the adapted model generates, and not what the base model does."""
+    import runpy
+    import sys
+
+    from workers.evaluation import generate
+
+    base, batch = tiny
+    model = get_peft_model(base, QAAPeftConfig(layers=1, task_type="CAUSAL_LM"))
+    _perturb(model, scale=2.0)
+    model.save_pretrained(tmp_path)
+    loaded = load_model("builtin:tiny-llama")
+    prompt = "name[Aromi], eatType[coffee shop]"
+    kwargs = {
+        "chat": loaded.chat,
+        "max_length": 64,
+        "max_new_tokens": 6,
+        "batch_size": 1,
+        "device": torch.device("cpu"),
+    }
+    expected = generate(model, loaded.tokenizer, [prompt], **kwargs)[0]
+    plain = generate(loaded.model, loaded.tokenizer, [prompt], **kwargs)[0]
+    assert expected != plain  # the adapter changes what the model says
+    example = Path(__file__).parent.parent / "examples" / "use_adapter.py"
+    argv = [str(example), "--model", "builtin:tiny-llama", "--adapter", str(tmp_path), "--prompt", prompt,
+            "--max-new-tokens", "6"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(example), run_name="__main__")
+    assert capsys.readouterr().out.strip() == expected
