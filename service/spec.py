@@ -443,6 +443,16 @@ class TrainingOptions(_Strict):
         description="Where the model (and the exact engine) trains: `cuda` goes to the gpu queue and needs a GPU "
         "worker; `auto` uses CUDA on a worker that has it.",
     )
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="Export the job's metrics, offline, into its artifacts: TensorBoard event files (tensorboard/), "
+        "an MLflow run (mlflow/mlflow.db).",
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _unique_trackers(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
 
     @field_validator("warmup_steps")
     @classmethod

@@ -56,7 +56,7 @@ def test_the_topology_has_every_service_with_health_checks_restarts_and_volumes(
         assert mounts == {"/var/lib/qaa", "/var/lib/qaa/artifacts"}, name  # QAA_HOME and artifacts shared
     assert set(COMPOSE["volumes"]) == {"redis-data", "postgres-data", "qaa-home", "qaa-artifacts"}
     gpu = SERVICES["worker-gpu"]
-    assert gpu["profiles"] == ["gpu"] and gpu["build"]["args"]["EXTRAS"] == "gpu"
+    assert gpu["profiles"] == ["gpu"] and gpu["build"]["args"]["EXTRAS"] == "gpu,tracking"
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert SERVICES["flower"]["profiles"] == ["monitoring"]
 
@@ -99,9 +99,14 @@ def test_the_image_installs_what_the_default_spec_and_the_demo_need():
     from workers.evaluation import MINILM_PACKAGE
 
     dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
-    assert re.search(r'^RUN pip install "\.\$\{EXTRAS:\+\[\$EXTRAS\]\}"', dockerfile, flags=re.M)  # no extra by default
-    installed = {re.split(r"[<>=\[ ]", d, maxsplit=1)[0].lower() for d in
-                 tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}  # fmt: skip
+    assert re.search(r'^RUN pip install "\.\$\{EXTRAS:\+\[\$EXTRAS\]\}"', dockerfile, flags=re.M)
+    (extras,) = re.findall(r'^ARG EXTRAS="([^"]*)"$', dockerfile, flags=re.M)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + [
+        d for e in filter(None, extras.split(",")) for d in project["optional-dependencies"][e]
+    ]
+    installed = {re.split(r"[<>=\[ ]", d, maxsplit=1)[0].lower() for d in wanted}
+    assert {"tensorboard", "mlflow-skinny"} <= installed  # training.report_to works in the image
     imports = {"bleu": ["sacrebleu"], "rouge": ["rouge-score"], "bertscore": ["bert-score", MINILM_PACKAGE]}
     for metric in EvaluationOptions().metrics:  # every default metric's packages, without the dev extra
         for package in imports[metric]:

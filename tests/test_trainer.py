@@ -223,3 +223,33 @@ def test_the_training_device_is_honoured_and_cuda_without_a_gpu_is_refused(tmp_p
         pytest.skip("this worker has CUDA: the refusal needs a CPU-only worker")
     with pytest.raises(JobError, match="training.device is 'cuda' but this worker has no CUDA device"):
         train(job({"kind": "qaa", "layers": 1}, steps=2, device="cuda"), tmp_path / "cuda", Recorder().hooks)
+
+
+def test_report_to_exports_the_jobs_metrics_to_tensorboard_and_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recorder = Recorder()
+    spec = job({"kind": "lora", "r": 2}, steps=6, eval_every=3, report_to=["tensorboard", "mlflow", "tensorboard"])
+    assert spec.training.report_to == ["tensorboard", "mlflow"]
+    result = train(spec, tmp_path, recorder.hooks)
+    assert result.status == "succeeded"
+    artifacts = tmp_path / "artifacts"
+    losses = [(p["step"], p["loss"]) for p in recorder.points]
+    evals = [(p["step"], p["eval_loss"]) for p in recorder.points if "eval_loss" in p]
+    assert len(losses) == 6 and [s for s, _ in evals] == [3, 6]
+
+    events = EventAccumulator(str(artifacts / "tensorboard"))
+    events.Reload()
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("loss")] == losses
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("eval_loss")] == evals
+    assert events.Scalars("evaluation/bleu")[0].value == pytest.approx(result.evaluation["bleu"])
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{artifacts / 'mlflow' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("qaa").experiment_id])
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert history == [(s, pytest.approx(v)) for s, v in losses]
+    assert run.data.params["method.kind"] == "lora" and run.data.params["training.steps"] == "6"
+    assert run.data.metrics["evaluation.eval_loss"] == pytest.approx(result.evaluation["eval_loss"])
+    names = {p.relative_to(tmp_path).as_posix() for p in result.artifacts}
+    assert "artifacts/mlflow/mlflow.db" in names and any(n.startswith("artifacts/tensorboard/events.") for n in names)

@@ -41,7 +41,7 @@ import circuits.cost_estimate
 from circuits.execution import ExecutionCancelled, RuntimeJobFailed, RuntimeJobTimeout
 from service.api.cost import cost_of
 from service.spec import EVAL_BATCH_FACTOR, EVAL_LOSS_EXAMPLES, JobSpec
-from workers import artifacts, checkpoints, evaluation, hardware_gap
+from workers import artifacts, checkpoints, evaluation, hardware_gap, tracking
 from workers.datasets import DatasetError, Splits, collate, encode, load_splits
 from workers.methods import PreparedModel, prepare
 from workers.models import ModelError, load_model
@@ -320,7 +320,11 @@ class _Run:
             {"prompt": s.prompt, "reference": s.completion, "generation": g}
             for s, g in zip(samples, generations, strict=True)
         ])  # fmt: skip
-        return TrainingResult("succeeded", result, {}, sorted(self.artifacts.iterdir()))  # usage: by `train`
+        if self.spec.training.report_to:
+            tracking.export(self.artifacts, self.spec.training.report_to, self.history, result,
+                            self.spec.model_dump(mode="json"), self.spec.name or self.spec.model)  # fmt: skip
+        files = sorted(p for p in self.artifacts.rglob("*") if p.is_file())
+        return TrainingResult("succeeded", result, {}, files)  # usage: by `train`
 
 
 # --- building blocks ----------------------------------------------------------------------------------------
