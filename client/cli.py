@@ -33,6 +33,8 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_AUTH = 4
 EXIT_INTEGRITY = 5
+#: The artifact a worker writes a job's own log lines to (`workers.job_log`).
+LOG_ARTIFACT = "job.log"
 
 app = typer.Typer(
     help="Submit, watch and compare QAA training jobs (exit codes: 0 done, 1 job failed or cancelled, "
@@ -184,6 +186,26 @@ def resubmit(
             fail(EXIT_USAGE, str(exc), output)
         job = _submit(api, spec, watch, interval, output)
     exit_for(job)
+
+
+@app.command()
+def logs(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None, output: OutputOpt = Output.text) -> None:
+    """Print a job's own log lines (its worker's records while it ran, secrets redacted; stored when it ends)."""
+    import tempfile
+
+    with connected(url, api_key, output) as api:
+        found = [a for a in api.artifacts(job_id) if a["name"] == LOG_ARTIFACT]
+        if not found:
+            job = api.get_job(job_id)
+            fail(EXIT_USAGE, f"job {job_id} has no log yet ({job['status']}): it is stored when the job ends", output)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / LOG_ARTIFACT
+            api.download_artifact(found[0], path)
+            text = path.read_text(encoding="utf-8", errors="replace")
+    if output is Output.json:
+        render.print_json({"job": job_id, "lines": text.splitlines()})
+    else:
+        sys.stdout.write(text)
 
 
 @datasets_app.command("upload")

@@ -225,6 +225,8 @@ def test_submit_and_watch_the_tiny_job_to_the_end(live, worker):
 
     status = live.cli("status", job_id)
     assert status.exit_code == 0 and "succeeded" in status.stdout and "5/5" in status.stdout
+    lines = live.json("logs", job_id)["lines"]
+    assert any("step 5/5: loss" in line for line in lines) and any(f"job {job_id}: succeeded" in line for line in lines)
     watched = live.cli("watch", job_id, "--output", "json")
     assert watched.exit_code == 0 and last_job(watched.stdout) == job  # a finished job: one line, at once
     assert len(watched.stdout.strip().splitlines()) == 1
@@ -276,6 +278,10 @@ def test_a_failed_job_is_exit_1_with_its_error(live, worker):
     assert f"job {job_id} failed: {job['error']}" in result.stderr
     status = live.cli("status", job_id, "--output", "json")
     assert status.exit_code == 1 and json.loads(status.stdout) == job
+    logs = live.cli("logs", job_id)  # the job's own log lines, stored however it ended
+    assert logs.exit_code == 0 and f"job {job_id}: claimed by" in logs.stdout and "no-such-model" in logs.stdout
+    key = json.loads((live.services.home / "credentials").read_text())["api_key"]
+    assert key not in logs.stdout
 
 
 @needs_trainer

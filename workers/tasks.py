@@ -47,6 +47,7 @@ from service.admission import (
 from service.settings import Settings
 from service.spec import JobSpec
 from service.store import STORE_UNREACHABLE, Job, JobStatus, Store
+from workers import job_log
 from workers.trainer import JobError, TrainingHooks, train
 
 log = logging.getLogger(__name__)
@@ -237,13 +238,16 @@ def ibm_credentials(store: Store, owner: str, settings: Settings) -> tuple[str |
 
 
 @contextmanager
-def ibm_sign_in(spec: JobSpec, store: Store, owner: str, settings: Settings) -> Iterator[None]:
+def ibm_sign_in(spec: JobSpec, store: Store, owner: str, settings: Settings,
+                secrets: set[str] | None = None) -> Iterator[None]:  # fmt: skip
     """For an `ibm:` job, the circuit backends' environment carries `ibm_credentials` while it runs, and its
     earlier values after: a worker process runs one job at a time, so the process-wide environment is the job's."""
     if spec.quantum is None or not spec.quantum.backend.startswith("ibm:"):
         yield
         return
     token, instance = ibm_credentials(store, owner, settings)
+    if token and secrets is not None:
+        secrets.add(token)  # never in the job's own log
     before = environment.environment()
     environment.configure(ibm_token=token, ibm_instance=instance)
     try:
@@ -285,34 +289,46 @@ def run_train(job_id: str, store: Store, settings: Settings, worker_id: str) -> 
     if job is None:
         log.info("job %s: not claimable (finished, or held by a live worker); message dropped", job_id)
         return "skipped"
-    log.info("job %s: claimed by %s (attempt %d)", job_id, worker_id, job.attempts)
     run_dir = settings.artifacts_dir / job_id
     deadline = (job.started_at or datetime.now(UTC)) + timedelta(seconds=settings.job_deadline_seconds)
     lease = Lease(store, job_id, worker_id, interval=settings.heartbeat_seconds, lease_seconds=settings.lease_seconds,
                   deadline=deadline)  # fmt: skip
-    with lease:
-        sink = MetricsSink(store, job_id, lease)
+    with lease, job_log.captured(run_dir) as log_format:
+        log.info("job %s: claimed by %s (attempt %d)", job_id, worker_id, job.attempts)
         try:
-            status, evaluation, usage = _train(job, run_dir, lease, sink, store, settings)
-        except JobError as exc:
-            log.info("job %s failed: %s", job_id, exc)
-            return _finish(store, job_id, worker_id, lease, JobStatus.FAILED, error=str(exc) or error_line(exc))
-        except Exception as exc:  # a bug or an environment problem: readable in the job, full in the log
-            log.exception("job %s failed with an unexpected error", job_id)
-            error = failure_message(exc, settings)
+            return _run(job, run_dir, lease, store, settings, worker_id, log_format.secrets)
+        finally:
+            log_file = run_dir / job_log.LOG_NAME
+            if lease.ours and log_file.is_file():
+                lease.retry("registering the job log", lambda: register_artifacts(store, job_id, run_dir, [log_file]))
+
+
+def _run(job: Job, run_dir: Path, lease: Lease, store: Store, settings: Settings, worker_id: str,
+         secrets: set[str]) -> str:  # fmt: skip
+    """The claimed job's run and how it ended (`run_train`'s body, inside its lease and its log)."""
+    job_id = job.id
+    sink = MetricsSink(store, job_id, lease)
+    try:
+        status, evaluation, usage = _train(job, run_dir, lease, sink, store, settings, secrets)
+    except JobError as exc:
+        log.info("job %s failed: %s", job_id, exc)
+        return _finish(store, job_id, worker_id, lease, JobStatus.FAILED, error=str(exc) or error_line(exc))
+    except Exception as exc:  # a bug or an environment problem: readable in the job, full in the log
+        log.exception("job %s failed with an unexpected error", job_id)
+        error = failure_message(exc, settings)
+        return _finish(store, job_id, worker_id, lease, JobStatus.FAILED, error=error)
+    if status == JobStatus.CANCELLED and not lease.cancel_requested:
+        if lease.ours and lease.past_deadline:
+            error = (
+                f"the job ran past its deadline of {settings.job_deadline_seconds} s from its first start "
+                f"(QAA_JOB_DEADLINE_SECONDS); stopped at step {lease.step}"
+            )
             return _finish(store, job_id, worker_id, lease, JobStatus.FAILED, error=error)
-        if status == JobStatus.CANCELLED and not lease.cancel_requested:
-            if lease.ours and lease.past_deadline:
-                error = (
-                    f"the job ran past its deadline of {settings.job_deadline_seconds} s from its first start "
-                    f"(QAA_JOB_DEADLINE_SECONDS); stopped at step {lease.step}"
-                )
-                return _finish(store, job_id, worker_id, lease, JobStatus.FAILED, error=error)
-            if lease.ours and SHUTTING_DOWN.is_set():
-                return _release(store, job_id, worker_id, lease)
-            log.warning("job %s: lease lost to another worker; leaving the job to it", job_id)
-            return "lost"
-        return _finish(store, job_id, worker_id, lease, status, evaluation=evaluation, usage=usage)
+        if lease.ours and SHUTTING_DOWN.is_set():
+            return _release(store, job_id, worker_id, lease)
+        log.warning("job %s: lease lost to another worker; leaving the job to it", job_id)
+        return "lost"
+    return _finish(store, job_id, worker_id, lease, status, evaluation=evaluation, usage=usage)
 
 
 def admission_hook(job: Job, spec: JobSpec, store: Store, settings: Settings):
@@ -350,7 +366,7 @@ def check_device_here(spec: JobSpec, config, widths: dict) -> None:
 
 
 def _train(
-    job: Job, run_dir: Path, lease: Lease, sink: MetricsSink, store: Store, settings: Settings
+    job: Job, run_dir: Path, lease: Lease, sink: MetricsSink, store: Store, settings: Settings, secrets: set[str]
 ) -> tuple[JobStatus, dict | None, dict]:
     spec = JobSpec.model_validate(job.spec)
     owner = job.owner
@@ -367,7 +383,7 @@ def _train(
 
     hooks = TrainingHooks(record_metrics=sink, should_continue=lease.should_continue,
                           admit=admission_hook(job, spec, store, settings), started=started)  # fmt: skip
-    with ibm_sign_in(spec, store, owner, settings):
+    with ibm_sign_in(spec, store, owner, settings, secrets):
         result = train(
             spec,
             run_dir,

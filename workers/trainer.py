@@ -183,6 +183,7 @@ class _Run:
             point = self._train_step()
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                 point["eval_loss"] = self._eval_loss()
+                log.info("step %d/%d: loss %.4f, eval loss %.4f", self.step, t.steps, point["loss"], point["eval_loss"])
             self.history.append(point)
             self.hooks.record_metrics([point])
             saved = (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.steps
@@ -292,6 +293,7 @@ class _Run:
 
     def finish(self) -> TrainingResult:
         e = self.spec.evaluation
+        log.info("trained %d steps; generating and scoring %d test examples", self.step, e.samples)
         samples = self.splits.test[: e.samples]
         generations = evaluation.generate(
             self.model, self.tokenizer, [s.prompt for s in samples], chat=self.chat,
