@@ -5,7 +5,8 @@ EstimatorQNN + TorchConnector with its parameter-shift gradient on the same Aer 
 object, so the same options), (c) the exact torch engine; then the same step on fake:FakeBrisbane (noisy,
 sampled; also with every circuit simulated whole, for comparison) and at n = 10 with `embedding: direct`.
 Writes benchmarks/results/circuit_engine.json with the load average around the run (the ratios are measured side
-by side, so they are what to compare across machines). Run: `.venv/bin/python benchmarks/circuit_engine.py`.
+by side, so they are what to compare across machines). Run: `.venv/bin/python benchmarks/circuit_engine.py`;
+`--device GPU --out FILE` runs every Aer simulator on the GPU (qiskit-aer-gpu; `benchmarks/gpu_check.sh`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from circuits.backends import environment
 M, LAYERS, N = 32, 2, 6
 PEER_INPUTS = 4  # the peer runs one PUB per sample, observable and shift: timed on a fraction, scaled linearly
 OUT = Path(__file__).parent / "results" / "circuit_engine.json"
+#: Aer's device for every circuit-backend layer (`--device`).
+DEVICE = "CPU"
 
 
 def _step_seconds(layer: QAALayer, x: torch.Tensor, repeats: int = 3) -> float:
@@ -42,6 +45,8 @@ def _step_seconds(layer: QAALayer, x: torch.Tensor, repeats: int = 3) -> float:
 
 def _layer(n: int, **options) -> tuple[QAALayer, float]:
     start = time.perf_counter()
+    if options.get("backend", "exact") != "exact":
+        options = {"device": DEVICE, **options}
     layer = QAALayer(nn.Linear(2**n, 2**n), QAAConfig(layers=LAYERS, input_grad="none", **options), name="q_proj")
     with torch.no_grad():
         layer.adapter().up.weight.normal_(std=0.1)
@@ -82,6 +87,14 @@ def _peer_seconds(x: torch.Tensor, simulator) -> float:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["CPU", "GPU"], default="CPU", help="Aer's device")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     environment.configure(cache_dir=Path(tempfile.mkdtemp(prefix="qaa-bench-")))
     torch.manual_seed(0)
     x = torch.randn(M, 2**N)
@@ -91,6 +104,7 @@ def main() -> None:
         "n": N,
         "layers": LAYERS,
         "inputs": M,
+        "aer_device": DEVICE,
     }
 
     ours, build = _layer(N, backend="aer", gradient="parameter-shift")
@@ -100,8 +114,8 @@ def main() -> None:
     steps = 4  # warm-up + 3 timed
     result["circuits_per_step"] = used.circuits // steps
     result["primitive_calls_per_step"] = used.primitive_calls / steps
-    result["theoretical_circuits_per_step"] = M * (2 * ours.config.num_params(N) + 1)
-    result["theta_params"] = ours.config.num_params(N)
+    result["theoretical_circuits_per_step"] = M * (2 * ours.adapter().config.num_params(N) + 1)
+    result["theta_params"] = ours.adapter().config.num_params(N)
 
     exact, _ = _layer(N)
     result["exact_seconds"] = _step_seconds(exact, x, repeats=10)
@@ -143,14 +157,13 @@ def main() -> None:
     x10 = torch.randn(M, 2**10)
     big, build = _layer(10, backend="aer", gradient="parameter-shift", embedding="direct")
     result["ours_10q_seconds"] = _step_seconds(big, x10, repeats=2)
-    result["ours_10q_circuits_per_step"] = M * (2 * big.config.num_params(10) + 1)
+    result["ours_10q_circuits_per_step"] = M * (2 * big.adapter().config.num_params(10) + 1)
     exact10, _ = _layer(10)
     result["exact_10q_seconds"] = _step_seconds(exact10, x10, repeats=5)
-    result["gpu"] = None if not torch.cuda.is_available() else "not measured by this script version"
     result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
 
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

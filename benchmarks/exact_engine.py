@@ -6,6 +6,10 @@ figures are medians over the rounds. Peak RSS is the kernel's high-water mark ov
 reset after the model is loaded (`/proc/self/clear_refs`), so loading, common to both, does not hide the difference.
 
     python benchmarks/exact_engine.py            # writes benchmarks/results/exact_engine.json
+    python benchmarks/exact_engine.py --device cuda --batch 16 --tokens 128 --out FILE   # benchmarks/gpu_check.sh
+
+On CUDA the memory figure is torch's peak allocation over the timed steps (`peak_cuda_mb`), and every step is
+timed between two `torch.cuda.synchronize()` calls.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ def _peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def measure_step(method: str, steps: int, warmup: int) -> dict:
-    """Runs in a subprocess: load SmolLM2, attach the method, time AdamW steps on a 4 x 64 batch."""
+def measure_step(method: str, steps: int, warmup: int, device: str = "cpu", batch: int = 4, tokens: int = 64) -> dict:
+    """Runs in a subprocess: load SmolLM2, attach the method, time AdamW steps on a `batch` x `tokens` batch."""
     import torch
 
     from circuits import QAAConfig, inject_qaa, trainable_summary
@@ -39,7 +43,7 @@ def measure_step(method: str, steps: int, warmup: int) -> dict:
 
     torch.manual_seed(0)
     model, _ = load_model("builtin:smollm2-135m")
-    model.train()
+    model.to(device).train()
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -49,20 +53,30 @@ def measure_step(method: str, steps: int, warmup: int) -> dict:
     share = trainable_summary(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
-    ids = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
-    Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark: loading is not measured
+    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = []
     for i in range(warmup + steps):
+        if i == warmup:  # loading and warm-up are not measured
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark
+        sync()
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - start)
+    memory = {"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {"peak_rss_mb": _peak_rss_mb()}
     return {
         "step_seconds": min(times),
-        "peak_rss_mb": _peak_rss_mb(),
+        **memory,
         "trainable_params": share["trainable"],
         "trainable_share": share["share"],
     }
@@ -101,17 +115,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating subprocess runs per method")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", choices=["lora", "qaa"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    shape = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+             "--batch", str(args.batch), "--tokens", str(args.tokens)]  # fmt: skip
     if args.child:
-        print(json.dumps(measure_step(args.child, args.steps, args.warmup)))
+        print(json.dumps(measure_step(args.child, args.steps, args.warmup, args.device, args.batch, args.tokens)))
         return
 
     runs: dict[str, list[dict]] = {"lora": [], "qaa": []}
     for _ in range(args.rounds):
         for method in runs:
-            cmd = [sys.executable, __file__, "--child", method]
-            cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd = [sys.executable, __file__, "--child", method, *shape]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
             runs[method].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(method, runs[method][-1], flush=True)
@@ -121,21 +140,23 @@ def main() -> None:
 
     import torch
 
+    memory = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
     result = {
         "qaa_over_lora_step_time": round(med("qaa", "step_seconds") / med("lora", "step_seconds"), 3),
-        "qaa_over_lora_peak_rss": round(med("qaa", "peak_rss_mb") / med("lora", "peak_rss_mb"), 3),
+        f"qaa_over_lora_{memory.removesuffix('_mb')}": round(med("qaa", memory) / med("lora", memory), 3),
         "qaa_trainable_share": med("qaa", "trainable_share"),
         "lora_trainable_share": med("lora", "trainable_share"),
         "qaa_step_seconds": round(med("qaa", "step_seconds"), 3),
         "lora_step_seconds": round(med("lora", "step_seconds"), 3),
-        "qaa_peak_rss_mb": round(med("qaa", "peak_rss_mb")),
-        "lora_peak_rss_mb": round(med("lora", "peak_rss_mb")),
+        f"qaa_{memory}": round(med("qaa", memory)),
+        f"lora_{memory}": round(med("lora", memory)),
         "qaa_trainable_params": runs["qaa"][0]["trainable_params"],
         "lora_trainable_params": runs["lora"][0]["trainable_params"],
-        "scaling_ms_per_1k_tokens": scaling(range(4, 13)),
+        "scaling_ms_per_1k_tokens": scaling(range(4, 13)) if args.device == "cpu" else None,
         "setup": {
             "model": "builtin:smollm2-135m",
-            "batch": "4 x 64 tokens",
+            "batch": f"{args.batch} x {args.tokens} tokens",
+            "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
             "adapters": "q_proj, v_proj (60)",
             "qaa": "exact engine, n = 10, L = 2, ring, expval",
             "lora": "PEFT r = 8, alpha 16",
@@ -146,8 +167,8 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(),
         },
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +168,34 @@ def test_cnot_ring_compiles_to_one_permutation_per_layer() -> None:
     plan = plan_for(6, 3, "ring", "expval", "blocks")
     kinds = [type(op).__name__ for op in plan.ops]
     assert kinds == ["RealRotation", "Phase", "Permutation"] * 3 + ["RealRotation"]
+
+
+GPU_CHECK = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+EXACT_BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "exact_engine.py"
+
+
+def test_the_gpu_check_refuses_clearly_without_an_nvidia_gpu(tmp_path):
+    import subprocess
+
+    done = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})  # fmt: skip
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi: the check would run for real")
+    assert done.returncode == 2 and "needs an NVIDIA GPU" in done.stderr
+    assert not (tmp_path / ".venv-gpu").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here"))])  # fmt: skip
+def test_the_exact_engine_benchmark_measures_a_step_on_the_device_it_is_given(device):
+    import json
+    import subprocess
+    import sys
+
+    args = [sys.executable, str(EXACT_BENCH), "--child", "qaa", "--steps", "1", "--warmup", "1",
+            "--device", device, "--batch", "2", "--tokens", "16"]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, check=True)
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    memory = "peak_cuda_mb" if device == "cuda" else "peak_rss_mb"
+    assert figures["step_seconds"] > 0 and figures[memory] > 0 and figures["trainable_params"] == 233_400
