@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 
 from workers import job_log
 
@@ -16,13 +15,12 @@ def test_records_are_kept_while_the_job_runs_and_secrets_never_reach_the_file(tm
         logger.info("signed in with ibm-secret-token-0123456789 as instance crn:v1")
         logger.warning("the client sent Authorization: Bearer abc.def.ghi")
         logger.error("key qaa_live_0123456789abcdef refused")
-        warnings.warn("a library's warning", UserWarning, stacklevel=1)
     logger.info("after the job: not its line either")
     text = (tmp_path / job_log.LOG_NAME).read_text()
     lines = text.splitlines()
     assert "INFO qaa.test.job: signed in with [redacted] as instance crn:v1" in lines[0]
     assert "Bearer [redacted]" in lines[1] and "key [redacted] refused" in lines[2]
-    assert "WARNING py.warnings" in lines[3] and "a library's warning" in lines[3]  # warnings are the job's too
+    assert len(lines) == 3
     assert "before the job" not in text and "after the job" not in text
     for secret in ("ibm-secret-token", "abc.def.ghi", "qaa_live_"):
         assert secret not in text

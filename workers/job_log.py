@@ -1,7 +1,7 @@
 """A job's own log: every log record its worker process emits while the job runs, in `run_dir/job.log`.
 
 A worker process runs one job at a time (Celery's prefork children), so the records emitted between claim and
-end (the trainer's, the runtime's, the lease's, warnings) are that job's. Secrets are redacted before a line is
+end (the trainer's, the runtime's, the lease's) are that job's. Secrets are redacted before a line is
 written: API keys (`qaa_...`), bearer tokens, and the exact secrets the worker handles for the job (the owner's
 IBM token). The file is registered as the artifact `job.log` however the job ends, appended to by every attempt,
 and `qaa-client logs JOB` prints it.
@@ -51,7 +51,6 @@ def captured(run_dir: Path) -> Iterator[Redacting]:
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
-    logging.captureWarnings(True)
     try:
         yield formatter
     finally:
