@@ -46,8 +46,6 @@ app = typer.Typer(
 
 
 add_version_option(app, "qaa-client")
-spec_app = typer.Typer(help="Job spec files, offline: write a commented starter, check a file.", no_args_is_help=True)
-app.add_typer(spec_app, name="spec")
 datasets_app = typer.Typer(help="Your uploaded datasets (JSONL of {prompt, completion}).", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 credentials_app = typer.Typer(help="Secrets the server keeps for you: the IBM Quantum token.", no_args_is_help=True)
@@ -282,48 +280,6 @@ def credentials_delete(url: UrlOpt = None, api_key: KeyOpt = None, output: Outpu
     with connected(url, api_key, output) as api:
         api.delete_ibm_token()
     show(output, {"deleted": "ibm"}, "IBM Quantum token deleted")
-
-
-@spec_app.command("validate")
-def spec_validate(path: SpecArg, set_: SetOpt = None, output: OutputOpt = Output.text) -> None:
-    """Check a spec file without a server, with the server's own messages (exit 2 if it is invalid)."""
-    from pydantic import ValidationError
-
-    from service.spec import parse_spec, validation_errors  # the schema the server validates with; no torch
-
-    spec = read_spec(path, set_, output)
-    try:
-        parsed = parse_spec(spec)
-    except ValidationError as exc:
-        errors = validation_errors(exc)
-        if output is Output.json:
-            render.print_json({"valid": False, "errors": errors})
-        else:
-            for e in errors:
-                render.console(stderr=True).print(f"{e['path'] or '(spec)'}: {e['message']}", markup=False)
-        raise typer.Exit(EXIT_USAGE) from None
-    summary = {"valid": True, "kind": parsed.kind, "method": parsed.method.kind, "queue": parsed.queue}
-    show(output, summary, f"{path}: valid ({parsed.kind}, method {parsed.method.kind}, queue {parsed.queue})")
-
-
-@spec_app.command("init")
-def spec_init(
-    method: Annotated[str, typer.Option("--method", help="qaa, lora, prefix, sora or full.")] = "qaa",
-    out: Annotated[Path | None, typer.Option("--out", help="Write here instead of to stdout.")] = None,
-) -> None:
-    """Print a commented starter spec for a method, every value its default (docs/spec.md has every key)."""
-    from service.spec_reference import starter
-
-    try:
-        text = starter(method)
-    except ValueError as exc:
-        fail(EXIT_USAGE, str(exc), Output.text)
-    if out is None:
-        sys.stdout.write(text)
-    elif out.exists():
-        fail(EXIT_USAGE, f"{out} exists; not overwritten", Output.text)
-    else:
-        out.write_text(text)
 
 
 @app.command()

@@ -94,8 +94,8 @@ def markdown() -> str:
         "",
         "Generated from `service.spec.JobSpec` by `python -m service.spec_reference` (which also writes",
         "`jobspec.schema.json`); do not edit by hand. Unknown keys are errors that name the nearest allowed key.",
-        "`docs/qaa.md` explains the QAA fields; `qaa-client spec init` writes a commented starter and",
-        "`qaa-client spec validate FILE` checks a file offline with the server's own messages.",
+        "`docs/qaa.md` explains the QAA fields; `qaa spec init` writes a commented starter and",
+        "`qaa spec validate FILE` checks a file offline with the server's own messages.",
         "",
     ]
     classes = _models(JobSpec)
@@ -115,7 +115,7 @@ if __name__ == "__main__":
     write()
 
 
-#: What `qaa-client spec init` fills in beyond the defaults: a model and data that run offline.
+#: What `qaa spec init` fills in beyond the defaults: a model and data that run offline.
 STARTER = {"name": "my-{kind}-job", "model": "builtin:smollm2-135m", "dataset": "builtin:e2e"}
 #: The quantum keys a starter shows (the rest are in docs/spec.md).
 STARTER_QUANTUM = ("backend", "shots", "gradient")
@@ -127,7 +127,7 @@ def _line(indent: str, key: str, value: Any, comment: str) -> str:
 
 
 def starter(kind: str) -> str:
-    """A commented job spec for `method.kind: kind`, every value its default (`qaa-client spec init`)."""
+    """A commented job spec for `method.kind: kind`, every value its default (`qaa spec init`)."""
     from service.spec import METHOD_KINDS
 
     if kind not in METHOD_KINDS:

@@ -319,8 +319,10 @@ def test_the_spec_reference_and_the_json_schema_are_the_generated_ones():
 
 @pytest.mark.parametrize("kind", ["qaa", "lora", "prefix", "sora", "full"])
 def test_spec_init_writes_a_commented_starter_that_is_the_defaults(kind, tmp_path):
+    from workers.cli import app as qaa
+
     runner = CliRunner()
-    result = runner.invoke(app, ["spec", "init", "--method", kind])
+    result = runner.invoke(qaa, ["spec", "init", "--method", kind])
     assert result.exit_code == 0, result.output
     assert result.output.count("# ") >= 10  # commented, line by line
     started = parse_spec(yaml.safe_load(result.output))
@@ -328,9 +330,9 @@ def test_spec_init_writes_a_commented_starter_that_is_the_defaults(kind, tmp_pat
                            "method": {"kind": kind}})  # fmt: skip
     assert started == defaults
     path = tmp_path / "job.yaml"
-    assert runner.invoke(app, ["spec", "init", "--method", kind, "--out", str(path)]).exit_code == 0
-    assert runner.invoke(app, ["spec", "init", "--out", str(path)]).exit_code == 2  # never overwritten
-    valid = runner.invoke(app, ["spec", "validate", str(path)])
+    assert runner.invoke(qaa, ["spec", "init", "--method", kind, "--out", str(path)]).exit_code == 0
+    assert runner.invoke(qaa, ["spec", "init", "--out", str(path)]).exit_code == 2  # never overwritten
+    valid = runner.invoke(qaa, ["spec", "validate", str(path)])
     assert valid.exit_code == 0 and f"valid (train, method {kind}" in valid.output
 
 
@@ -338,7 +340,9 @@ def test_spec_validate_gives_the_servers_messages_offline(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("model: builtin:tiny-llama\ndataset: builtin:e2e\nmethod: {kind: qaa, qubits: 99}\n"
                     "training: {stepz: 3}\n")  # fmt: skip
-    result = CliRunner().invoke(app, ["spec", "validate", str(path), "-o", "json"])
+    from workers.cli import app as qaa
+
+    result = CliRunner().invoke(qaa, ["spec", "validate", str(path), "--json"])
     assert result.exit_code == 2
     errors = {e["path"]: e["message"] for e in json.loads(result.output)["errors"]}
     assert errors["method.qubits"] == "qubits must be 'auto' or an integer between 1 and 16, got 99"
@@ -346,8 +350,8 @@ def test_spec_validate_gives_the_servers_messages_offline(tmp_path):
 
 
 def test_both_clis_complete_their_commands_in_the_shell():
-    for prog, words, expected in (("qaa-client", "qaa-client spec ", {"init", "validate"}),
-                                  ("qaa", "qaa ke", {"keys"})):  # fmt: skip
+    for prog, words, expected in (("qaa-client", "qaa-client data", {"datasets"}),
+                                  ("qaa", "qaa spec ", {"init", "validate"})):  # fmt: skip
         script = Path(sys.executable).parent / prog
         cword = len(words.split()) - (0 if words.endswith(" ") else 1)  # the word being completed
         env = {"PATH": "/usr/bin:/bin", f"_{prog.upper().replace('-', '_')}_COMPLETE": "complete_bash",

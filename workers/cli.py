@@ -22,6 +22,69 @@ add_version_option(app, "qaa")
 
 keys = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
 app.add_typer(keys, name="keys")
+spec_app = typer.Typer(help="Job spec files, offline: write a commented starter, check a file.", no_args_is_help=True)
+app.add_typer(spec_app, name="spec")
+
+
+@spec_app.command("validate")
+def spec_validate(
+    path: str = typer.Argument(..., help="Job spec, YAML or JSON."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a spec value: dotted.path=value (repeatable)."),
+    json_output: bool = typer.Option(False, "--json", help="Print {valid, errors} as JSON."),
+) -> None:
+    """Check a spec file without a server, with the server's own messages (exit 2 if it is invalid). Here, not in
+    qaa-client, because it runs the server's schema and the client speaks HTTP only."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from client import render
+    from client.spec_file import SpecFileError, apply_overrides, load_spec
+    from service.spec import parse_spec, validation_errors
+
+    try:
+        spec = apply_overrides(load_spec(Path(path)), set_ or [])
+        parsed = parse_spec(spec)
+    except SpecFileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except ValidationError as exc:
+        errors = validation_errors(exc)
+        if json_output:
+            render.print_json({"valid": False, "errors": errors})
+        else:
+            for e in errors:
+                typer.echo(f"{e['path'] or '(spec)'}: {e['message']}", err=True)
+        raise typer.Exit(2) from None
+    summary = {"valid": True, "kind": parsed.kind, "method": parsed.method.kind, "queue": parsed.queue}
+    if json_output:
+        render.print_json(summary)
+    else:
+        typer.echo(f"{path}: valid ({parsed.kind}, method {parsed.method.kind}, queue {parsed.queue})")
+
+
+@spec_app.command("init")
+def spec_init(
+    method: str = typer.Option("qaa", "--method", help="qaa, lora, prefix, sora or full."),
+    out: str = typer.Option(None, "--out", help="Write here instead of to stdout."),
+) -> None:
+    """Print a commented starter spec for a method, every value its default (docs/spec.md has every key)."""
+    from pathlib import Path
+
+    from service.spec_reference import starter
+
+    try:
+        text = starter(method)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if out is None:
+        typer.echo(text, nl=False)
+    elif Path(out).exists():
+        typer.echo(f"error: {out} exists; not overwritten", err=True)
+        raise typer.Exit(2)
+    else:
+        Path(out).write_text(text)
 
 
 def parse_queues(text: str) -> list[str]:
