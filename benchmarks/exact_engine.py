@@ -74,12 +74,13 @@ def measure_step(method: str, steps: int, warmup: int, device: str = "cpu", batc
         if i >= warmup:
             times.append(time.perf_counter() - start)
     memory = {"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {"peak_rss_mb": _peak_rss_mb()}
-    return {
-        "step_seconds": min(times),
-        **memory,
-        "trainable_params": share["trainable"],
-        "trainable_share": share["share"],
-    }
+    figures = {"step_seconds": min(times), **memory, "trainable_params": share["trainable"],
+               "trainable_share": share["share"]}  # fmt: skip
+    if method == "qaa":
+        from circuits.backends.exact import compiled_on
+
+        figures["exact_compiled"] = compiled_on(torch.device(device))  # QAA_EXACT_COMPILE: on CUDA by default
+    return figures
 
 
 def scaling(qubits: range, tokens: int = 256) -> dict[str, float]:
@@ -158,7 +159,8 @@ def main() -> None:
             "batch": f"{args.batch} x {args.tokens} tokens",
             "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
             "adapters": "q_proj, v_proj (60)",
-            "qaa": "exact engine, n = 10, L = 2, ring, expval",
+            "qaa": f"exact engine ({'compiled' if runs['qaa'][0]['exact_compiled'] else 'eager'}), n = 10, L = 2, "
+            "ring, expval",
             "lora": "PEFT r = 8, alpha 16",
             "steps": f"fastest of {args.steps} steps after {args.warmup} warm-up, median of {args.rounds} alternating "
             "rounds",

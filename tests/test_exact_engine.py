@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import shutil
 from pathlib import Path
 
@@ -170,6 +171,67 @@ def test_cnot_ring_compiles_to_one_permutation_per_layer() -> None:
     assert kinds == ["RealRotation", "Phase", "Permutation"] * 3 + ["RealRotation"]
 
 
+def test_the_compile_setting_is_checked():
+    from circuits.backends.exact import compiled_on
+
+    cpu = torch.device("cpu")
+    assert not compiled_on(cpu)  # auto: compiled on CUDA only
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QAA_EXACT_COMPILE", "always")
+        assert compiled_on(cpu)
+        mp.setenv("QAA_EXACT_COMPILE", "yes")
+        with pytest.raises(ValueError, match="expected auto, always or never"):
+            compiled_on(cpu)
+
+
+@pytest.mark.slow
+def test_one_compiled_adapter_step_runs_at_most_150_ops_and_never_recompiles(monkeypatch):
+    """Issue 20: one 10-qubit, L = 2 adapter layer's forward and backward over 256 tokens as torch.compile graphs
+    (what a CUDA worker runs): every aten op the profiler sees, nested ones and the frozen base layer's included,
+    at most 150 (the eager engine runs about 900). The same numbers as the eager engine to 1e-5 of their
+    magnitude, and new token counts reuse the graphs."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
+
+    from circuits import QAAConfig, QAALayer
+
+    gen = torch.Generator().manual_seed(5)
+    layer = QAALayer(torch.nn.Linear(576, 576).requires_grad_(False), QAAConfig(layers=2))
+    adapter = layer.adapter()
+    assert adapter.n_qubits == 10 and adapter.engine.plan.strategy == "blocks"
+    with torch.no_grad():
+        adapter.up.weight.normal_(0, 0.02, generator=gen)
+
+    def inputs(tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(tokens, 576, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        return x, torch.randn(tokens, 576, generator=torch.Generator().manual_seed(seed + 1))
+
+    def step(x: torch.Tensor, weights: torch.Tensor) -> None:
+        (layer(x) * weights).sum().backward()
+
+    def measured(tokens: int, seed: int = 0):
+        x, weights = inputs(tokens, seed)
+        adapter.zero_grad()
+        step(x, weights)
+        return layer(x).detach(), x.grad, adapter.theta.grad.clone(), adapter.up.weight.grad.clone()
+
+    monkeypatch.setenv("QAA_EXACT_COMPILE", "never")
+    eager = measured(256)
+    monkeypatch.setenv("QAA_EXACT_COMPILE", "always")
+    compiled = measured(256)
+    for name, a, b in zip(["output", "input grad", "theta grad", "up grad"], compiled, eager, strict=True):
+        assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item(), name
+    graphs = counters["stats"]["unique_graphs"]
+    for tokens in (100, 300):
+        measured(tokens, seed=tokens)
+    assert counters["stats"]["unique_graphs"] == graphs, "a new token count recompiled"
+    x, weights = inputs(256)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(x, weights)
+    ops = [e.name for e in prof.events() if e.name.startswith("aten::")]
+    assert len(ops) <= 150, sorted(collections.Counter(ops).items())
+
+
 GPU_CHECK = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
 EXACT_BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "exact_engine.py"
 
@@ -199,3 +261,4 @@ def test_the_exact_engine_benchmark_measures_a_step_on_the_device_it_is_given(de
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     memory = "peak_cuda_mb" if device == "cuda" else "peak_rss_mb"
     assert figures["step_seconds"] > 0 and figures[memory] > 0 and figures["trainable_params"] == 233_400
+    assert figures["exact_compiled"] is (device == "cuda")  # QAA_EXACT_COMPILE=auto

@@ -21,11 +21,17 @@ Two strategies, chosen by cost:
 
 Both return `||z|| * r(U(theta) |z/||z||>)`: the norm restore of docs/qaa.md is part of the engine, and a zero vector
 yields zero output and zero gradient.
+
+`blocks` runs eagerly into reused buffers, or, on CUDA by default (`QAA_EXACT_COMPILE`), as two torch.compile
+graphs of the same functions without buffers (`_compiled`): one adapter's forward and backward is then about 130
+aten ops instead of about 900, which on a GPU is the difference between launch-bound and not. On a CPU the eager
+path is as fast or faster and needs no compile, so it stays the default there.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -148,37 +154,70 @@ def _split(n: int) -> tuple[tuple[int, int], ...]:
 # Op tensors from theta (differentiable, tiny: nothing here scales with the number of tokens)
 
 
-@lru_cache(maxsize=64)
-def _bit_signs(n: int, device: torch.device) -> torch.Tensor:
-    """[2^n, n]: (-1)^{bit_i(j)}."""
-    j = torch.arange(2**n, device=device)
-    return 1.0 - 2.0 * ((j[:, None] >> torch.arange(n, device=device)[None, :]) & 1).float()
+@dataclass(frozen=True, eq=False)
+class _Tables:
+    """Every index and sign tensor one plan needs on one device, built once per (plan, P, device) by `_tables`.
 
-
-@lru_cache(maxsize=64)
-def _gather_layout(plan: Plan, num_params: int, device: torch.device):
-    """Index tensors that build every op tensor of a plan in a few batched ops (the per-gate loop is Python-bound).
-
-    Index `num_params` points at an appended identity angle: RY(0) = I, and a zero RZ coefficient. Every block is
-    built at the largest block size, smaller ones padded with identity qubits on top and cut back to their corner.
+    The ops take these instead of building them, so an eager call looks up one cache entry and a compiled graph
+    holds them as constants (`_compiled`). `blocks` [blocks, width] and `phases` [n, phases] index theta so that
+    every op tensor is built in a few batched ops (the per-gate loop is Python-bound): index P points at an
+    appended identity angle (RY(0) = I, a zero RZ coefficient), and every block is built at the largest size,
+    smaller ones padded with identity qubits on top and cut back to their corner. `slots` says which op tensor is
+    which: ("block", row, size) or ("phase", column, 0). `gathers[(op position, halves, inverse)]` is a
+    permutation's row index over a state flattened to [halves * 2^n, M]. `readout` is S with r = probs @ S (Z
+    signs, and ZZ products for expval+zz; None for probs).
     """
+
+    blocks: torch.Tensor | None
+    phases: torch.Tensor | None
+    slots: tuple[tuple[str, int, int], ...]
+    bit_signs: torch.Tensor  # [2^n, n]: (-1)^{bit_i(j)}
+    readout: torch.Tensor | None
+    gathers: dict[tuple[int, int, bool], torch.Tensor]
+    one_hot: torch.Tensor  # [width, width] booleans: the identity, for the derivative of each block's qubits
+
+
+@lru_cache(maxsize=64)
+def _tables(plan: Plan, num_params: int, device: torch.device) -> _Tables:
+    # Built from Python lists only, so that inside a compiled graph every table is a constant, not a computation.
     width = max(size for _, size in plan.blocks)
     rows: list[list[int]] = []  # per block: the angle index of each of its qubits, padded to `width`
-    slots: list[tuple[str, int, int]] = []  # per op tensor: ("block", row, size) or ("phase", column, 0)
+    slots: list[tuple[str, int, int]] = []
     phase_columns: list[list[int]] = []
-    for op in plan.ops:
-        param_of = dict(zip(op.qubits, op.params, strict=True)) if not isinstance(op, Permutation) else {}
+    gathers = {}
+    for position, op in enumerate(plan.ops):
+        if isinstance(op, Permutation):
+            inverse_index = [0] * len(op.index)
+            for j, source in enumerate(op.index):
+                inverse_index[source] = j
+            for inverse, idx in ((False, op.index), (True, inverse_index)):
+                for halves in (1, 2, 4):  # a real or complex state, or a (state, cotangent) pair of either
+                    flat = [i + h * len(idx) for h in range(halves) for i in idx]
+                    gathers[position, halves, inverse] = torch.tensor(flat, device=device)
+            continue
+        param_of = dict(zip(op.qubits, op.params, strict=True))
         if isinstance(op, RealRotation):
             for start, size in plan.blocks:
                 slots.append(("block", len(rows), size))
                 rows.append([param_of.get(q, num_params) for q in range(start, start + size)])
                 rows[-1] += [num_params] * (width - size)
-        elif isinstance(op, Phase):
+        else:
             slots.append(("phase", len(phase_columns), 0))
             phase_columns.append([param_of.get(q, num_params) for q in range(plan.n)])
-    blocks = torch.tensor(rows, device=device) if rows else None  # [blocks, width]
-    phases = torch.tensor(phase_columns, device=device).T if phase_columns else None  # [n, phases]
-    return blocks, phases, tuple(slots)
+    signs = [[1.0 - 2.0 * ((j >> i) & 1) for i in range(plan.n)] for j in range(plan.dim)]
+    readout = None
+    if plan.readout != "probs":
+        pairs = zz_pairs(plan.n) if plan.readout == "expval+zz" else []
+        readout = torch.tensor([row + [row[a] * row[b] for a, b in pairs] for row in signs], device=device)
+    return _Tables(
+        blocks=torch.tensor(rows, device=device) if rows else None,
+        phases=torch.tensor(list(zip(*phase_columns, strict=True)), device=device) if phase_columns else None,
+        slots=tuple(slots),
+        bit_signs=torch.tensor(signs, device=device),
+        readout=readout,
+        gathers=gathers,
+        one_hot=torch.tensor([[i == t for t in range(width)] for i in range(width)], device=device),
+    )
 
 
 def _ry(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -197,27 +236,27 @@ def _kron(ry: torch.Tensor) -> torch.Tensor:
 
 
 def _half_angles(theta: torch.Tensor) -> torch.Tensor:
-    """theta / 2 with one zero appended: the identity angle that `_gather_layout` pads with."""
+    """theta / 2 with one zero appended: the identity angle that `_Tables` pads with."""
     return torch.cat([theta.float(), theta.new_zeros(1, dtype=torch.float32)]) / 2
 
 
-def op_tensors(plan: Plan, theta: torch.Tensor) -> list[torch.Tensor]:
+def op_tensors(theta: torch.Tensor, tables: _Tables) -> list[torch.Tensor]:
     """For each RealRotation, one real matrix per block; for each Phase, (cos phi, sin phi) as [2, 2^n, 1].
 
     A block is the Kronecker product of its qubits' RY matrices, built for all blocks at once.
     """
-    block_index, phase_index, slots = _gather_layout(plan, len(theta), theta.device)
+    block_index, phase_index, slots = tables.blocks, tables.phases, tables.slots
     half = _half_angles(theta)
     blocks = phases = None
     if block_index is not None:
         blocks = _kron(_ry(torch.cos(half)[block_index], torch.sin(half)[block_index]))  # [blocks, 2^w, 2^w]
     if phase_index is not None:
-        phi = -_bit_signs(plan.n, theta.device) @ half[phase_index]  # [2^n, phases]
+        phi = -(tables.bit_signs[:, :, None] * half[phase_index]).sum(1)  # [2^n, phases]: a fused sum
         phases = torch.stack([torch.cos(phi), torch.sin(phi)])[..., None]  # [2, 2^n, phases, 1]
     return [blocks[key, : 2**size, : 2**size] if kind == "block" else phases[:, :, key] for kind, key, size in slots]
 
 
-def theta_grad(plan: Plan, theta: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+def theta_grad(theta: torch.Tensor, grads: list[torch.Tensor], tables: _Tables) -> torch.Tensor:
     """d loss / d theta from d loss / d (each block matrix, each phase's angles phi): the chain rule through
     `op_tensors` by hand.
 
@@ -225,7 +264,7 @@ def theta_grad(plan: Plan, theta: torch.Tensor, grads: list[torch.Tensor]) -> to
     cost as much time as a third of the circuit's GEMMs at SmolLM2 scale. d K / d theta_t for a block K is K with
     qubit t's RY replaced by its derivative; all of them are built at once, as the blocks are.
     """
-    block_index, phase_index, slots = _gather_layout(plan, len(theta), theta.device)
+    block_index, phase_index, slots = tables.blocks, tables.phases, tables.slots
     half = _half_angles(theta)
     d_half = torch.zeros_like(half)
     if block_index is not None:
@@ -241,34 +280,14 @@ def theta_grad(plan: Plan, theta: torch.Tensor, grads: list[torch.Tensor]) -> to
             upstream[rows, : 2**size, : 2**size] = torch.stack(of_size)
         c, s = torch.cos(half)[block_index], torch.sin(half)[block_index]
         ry, d_ry = _ry(c, s), _ry(-s, c)  # RY(2h) and d/dh of it, [blocks, width, 2, 2]
-        one_hot = torch.eye(width, dtype=torch.bool, device=theta.device)[None, :, :, None, None]
+        one_hot = tables.one_hot[None, :, :, None, None]
         d_blocks = _kron(torch.where(one_hot, d_ry[:, None], ry[:, None]))  # [blocks, width (t), 2^w, 2^w]
         d_half.index_add_(0, block_index.flatten(), (d_blocks * upstream[:, None]).sum((-2, -1)).flatten())
     if phase_index is not None:
         upstream = torch.stack([g for (kind, _, _), g in zip(slots, grads, strict=True) if kind == "phase"], 1)
-        d_phase = -_bit_signs(plan.n, theta.device).transpose(0, 1) @ upstream  # [n, phases]
+        d_phase = -(tables.bit_signs[:, :, None] * upstream[:, None]).sum(0)  # [n, phases]
         d_half.index_add_(0, phase_index.flatten(), d_phase.flatten())
     return (d_half[:-1] / 2).to(theta.dtype)
-
-
-@lru_cache(maxsize=64)
-def _readout_matrix(n: int, readout: str, device: torch.device) -> torch.Tensor | None:
-    """S with r = probs @ S: Z signs for expval (+ ZZ products for expval+zz); None for probs (r = probs)."""
-    if readout == "probs":
-        return None
-    z = _bit_signs(n, device)
-    pairs = zz_pairs(n) if readout == "expval+zz" else []
-    if pairs:
-        z = torch.cat([z, torch.stack([z[:, a] * z[:, b] for a, b in pairs], dim=1)], dim=1)
-    return z.contiguous()
-
-
-@lru_cache(maxsize=256)
-def _index(perm: Permutation, device: torch.device, halves: int, inverse: bool = False) -> torch.Tensor:
-    """Row gather index over a state flattened to [S * 2^n, M] (S = halves)."""
-    idx = torch.tensor(perm.index, device=device)
-    idx = torch.argsort(idx) if inverse else idx
-    return torch.cat([idx + h * len(idx) for h in range(halves)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,13 +342,17 @@ class _Buffers(threading.local):
 _BUFFERS = _Buffers()
 
 
-def _permute(state: torch.Tensor, perm: Permutation, inverse: bool = False, out: torch.Tensor | None = None):
+def _permute(state: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Gather whole rows of the flattened state: a contiguous copy per row, the cheapest gather on CPU."""
     rows = state.reshape(-1, state.shape[-1])
-    idx = _index(perm, state.device, len(rows) // len(perm.index), inverse)
     if out is None:
-        return rows.index_select(0, idx).view(state.shape)
-    return torch.index_select(rows, 0, idx, out=out.view(rows.shape)).view(state.shape)
+        return rows.index_select(0, index).view(state.shape)
+    return torch.index_select(rows, 0, index, out=out.view(rows.shape)).view(state.shape)
+
+
+def _gather(tables: _Tables, position: int, state: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """The row index of the permutation at `position` for a state [..., 2^n, M]."""
+    return tables.gathers[position, math.prod(state.shape[:-2]), inverse]
 
 
 def _block_view(state: torch.Tensor, start: int, size: int) -> torch.Tensor:
@@ -346,9 +369,12 @@ def _apply_block(state: torch.Tensor, mat: torch.Tensor, start: int, size: int, 
     return torch.bmm(mat.expand(len(view), -1, -1), view, out=out.view(view.shape)).view(state.shape)
 
 
-def _block_grad(cot: torch.Tensor, before: torch.Tensor, start: int, size: int) -> torch.Tensor:
-    """d loss / d mat for out = mat . before on one block: the sum over columns of cot (x) before."""
+def _block_grad(cot: torch.Tensor, before: torch.Tensor, start: int, size: int, fused: bool = False):
+    """d loss / d mat for out = mat . before on one block: the sum over columns of cot (x) before. `fused`: as one
+    reduction, which a compiled graph runs as one kernel (eagerly it would materialise every product)."""
     a, b = _block_view(cot, start, size), _block_view(before, start, size)
+    if fused:
+        return (a[:, :, None, :] * b[:, None, :, :]).sum((0, 3))
     return torch.bmm(a, b.transpose(1, 2)).sum(0)
 
 
@@ -377,8 +403,13 @@ def _apply_phase(state: torch.Tensor, trig: torch.Tensor, conj: bool = False, ou
     return out
 
 
-def _run(plan: Plan, state: torch.Tensor, tensors: list[torch.Tensor], buffers: _Buffers | None = None,
-         last: torch.Tensor | None = None):  # fmt: skip
+def _next(buffers: _Buffers | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+    """The buffer an op writes into, or None (the op allocates) on the unbuffered path."""
+    return None if buffers is None else buffers.next(shape, like)
+
+
+def _run(plan: Plan, state: torch.Tensor, tensors: list[torch.Tensor], tables: _Tables,
+         buffers: _Buffers | None = None, last: torch.Tensor | None = None):  # fmt: skip
     """Apply the plan to a state [S, 2^n, M]; with `buffers`, every op writes into the next buffer, and the last
     one into `last` where given (flat, at least as long as the final state)."""
     writes = sum(len(plan.blocks) if isinstance(op, RealRotation) else 1 for op in plan.ops)
@@ -388,12 +419,12 @@ def _run(plan: Plan, state: torch.Tensor, tensors: list[torch.Tensor], buffers: 
         writes -= 1
         if writes == 0 and last is not None:
             return last[: math.prod(shape)].view(shape)
-        return None if buffers is None else buffers.next(shape, state)
+        return _next(buffers, shape, state)
 
     it = iter(tensors)
-    for op in plan.ops:
+    for position, op in enumerate(plan.ops):
         if isinstance(op, Permutation):
-            state = _permute(state, op, out=target(state.shape))
+            state = _permute(state, _gather(tables, position, state), out=target(state.shape))
         elif isinstance(op, Phase):
             state = _apply_phase(state, next(it), out=target((2, *state.shape[1:])))
         else:
@@ -402,17 +433,19 @@ def _run(plan: Plan, state: torch.Tensor, tensors: list[torch.Tensor], buffers: 
     return state
 
 
-def _probs(state: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """|amplitude|^2 as [2^n, M] from a state [S, 2^n, M], written into `out`."""
+def _probs(state: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """|amplitude|^2 as [2^n, M] from a state [S, 2^n, M] (written into `out` where given)."""
+    if out is None:
+        return state.square().sum(0)
     torch.mul(state[0], state[0], out=out)
     for part in state[1:]:
         out.addcmul_(part, part)
     return out
 
 
-def _readout(plan: Plan, probs: torch.Tensor) -> torch.Tensor:
+def _readout(probs: torch.Tensor, tables: _Tables) -> torch.Tensor:
     """r as [M, k] from probs stored [2^n, M]."""
-    signs = _readout_matrix(plan.n, plan.readout, probs.device)
+    signs = tables.readout
     return probs.transpose(0, 1).clone() if signs is None else (signs.transpose(0, 1) @ probs).transpose(0, 1)
 
 
@@ -422,12 +455,80 @@ def _norms(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return norm, 1 / norm.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def _initial_state(buffers: _Buffers, z: torch.Tensor, inv_norm: torch.Tensor, dim: int) -> torch.Tensor:
-    """psi = z / ||z|| as the state [1, 2^n, M] (zero-padded) in the first buffer, written there in one pass."""
+def _initial_state(z: torch.Tensor, inv_norm: torch.Tensor, dim: int, buffers: _Buffers | None) -> torch.Tensor:
+    """psi = z / ||z|| as the state [1, 2^n, M] (zero-padded), in the first buffer where there are buffers."""
+    if buffers is None:
+        return torch.nn.functional.pad((z.float() * inv_norm).transpose(0, 1), (0, 0, 0, dim - z.shape[-1]))[None]
     state = buffers.first((1, dim, len(z)), inv_norm)
     torch.mul(z.transpose(0, 1).float(), inv_norm.transpose(0, 1), out=state[0, : z.shape[-1]])
     state[0, z.shape[-1] :].zero_()
     return state
+
+
+def _circuit(plan: Plan, z: torch.Tensor, tensors: list[torch.Tensor], tables: _Tables,
+             buffers: _Buffers | None = None, last: torch.Tensor | None = None):  # fmt: skip
+    """The forward: (||z|| r as [M, k], the final state [S, 2^n, M], r)."""
+    norm, inv_norm = _norms(z)
+    final = _run(plan, _initial_state(z, inv_norm, plan.dim, buffers), tensors, tables, buffers, last)
+    r = _readout(_probs(final, None if buffers is None else buffers.scratch(final.shape[1:], final)), tables)
+    return norm * r, final, r
+
+
+def _adjoint(plan: Plan, z: torch.Tensor, theta: torch.Tensor, r: torch.Tensor, final: torch.Tensor,
+             grad_out: torch.Tensor, tensors: list[torch.Tensor], tables: _Tables, need_z: bool, need_theta: bool,
+             buffers: _Buffers | None = None):  # fmt: skip
+    """The backward: (d loss / d z, d loss / d theta) from the final state, walking the ops back."""
+    norm, inv_norm = _norms(z)
+    scratch = None if buffers is None else buffers.scratch(final.shape[1:], final)
+    g = (grad_out.float() * norm).transpose(0, 1)  # d loss / d r, as [k, M]: the output is ||z|| * r
+    if tables.readout is None:
+        weights = torch.mul(g, 2, out=scratch)
+    else:  # d loss / d |amplitude|^2, times 2: d |a|^2 / d a = 2a
+        weights = torch.mm(tables.readout, g, out=scratch).mul_(2)
+
+    # Walk back through the ops with the state and its cotangent side by side, [state; cot] as [2, S, 2^n, M]:
+    # every op inverts the state and propagates the cotangent in one call (the ops are unitary).
+    if buffers is None:
+        pair = torch.stack([final, final * weights])
+    else:
+        pair = buffers.next((2, *final.shape), final)
+        pair[0].copy_(final)
+        torch.mul(final, weights, out=pair[1])  # d loss / d amplitudes
+    grads: list[torch.Tensor | None] = [None] * len(tensors)
+    k = len(tensors)
+    for position, op in reversed(list(enumerate(plan.ops))):
+        if isinstance(op, Permutation):
+            pair = _permute(pair, _gather(tables, position, pair, inverse=True), _next(buffers, pair.shape, pair))
+            continue
+        if isinstance(op, Phase):
+            k -= 1
+            pair = _apply_phase(pair, tensors[k], conj=True, out=_next(buffers, pair.shape, pair))
+            if need_theta:  # d/dphi_j = sum_cols Im(conj(before) * cot)
+                im = torch.mul(pair[0, 0], pair[1, 1], out=scratch)
+                grads[k] = im.addcmul_(pair[0, 1], pair[1, 0], value=-1).sum(1)
+            if position == plan.first_phase:  # the state was real before it: drop the (zero) imaginary parts
+                if buffers is None:
+                    pair = pair[:, :1].contiguous()
+                else:
+                    pair = buffers.next((2, 1, *pair.shape[2:]), pair).copy_(pair[:, :1])
+            continue
+        for start, size in reversed(plan.blocks):
+            k -= 1
+            cot_after = pair[1]
+            pair = _apply_block(pair, tensors[k].transpose(0, 1), start, size, _next(buffers, pair.shape, pair))
+            if need_theta:
+                grads[k] = _block_grad(cot_after, pair[0], start, size, fused=buffers is None)
+    grad_z = None
+    if need_z:
+        # v = d loss / d psi, scaled by ||z||. With psi = z / ||z|| and the output ||z|| r, the chain rule gives
+        # d/dz = (v - psi (psi . v)) / ||z|| + psi (grad_out . r) = (v + z (grad_out . r - z . v / ||z||^2)) / ||z||
+        # (only the first d rows of v: the padding is not an input).
+        v = pair[1, 0, : z.shape[-1]].transpose(0, 1)
+        zf = z.float()
+        coef = (grad_out.float() * r).sum(-1, keepdim=True) - (zf * v).sum(-1, keepdim=True) * inv_norm * inv_norm
+        grad_z = torch.addcmul(v, zf, coef).mul_(inv_norm).to(z.dtype)
+    grad_theta = theta_grad(theta, grads, tables) if need_theta else None
+    return grad_z, grad_theta
 
 
 class _SavedStates:
@@ -460,96 +561,97 @@ class _SavedStates:
 _SAVED = _SavedStates()
 
 
+@lru_cache(maxsize=64)
+def _compiled(plan: Plan, num_params: int):
+    """`plan`'s forward and backward as two torch.compile graphs: the unbuffered path of the same functions.
+
+    Each graph is a handful of fused kernels and GEMMs instead of hundreds of small ops, which is what a GPU needs:
+    there one launch costs more than the arithmetic of an op. The tables are built inside the graphs (from Python
+    lists, past `_tables`' cache, which dynamo would only warn about), so they are constants of the compiled code.
+    The token count is marked dynamic (`_dynamic`): one compile serves every training step (on a CPU inductor's
+    reductions guard a range, 65 to 4,096 tokens; a shorter or longer call compiles once more). The backward always
+    computes both gradients: one graph, not four.
+    """
+
+    def forward(z: torch.Tensor, theta: torch.Tensor):
+        tables = _tables.__wrapped__(plan, num_params, z.device)
+        return _circuit(plan, z, op_tensors(theta, tables), tables)
+
+    def backward(z, theta, r, final, grad_out):  # fmt: skip
+        tables = _tables.__wrapped__(plan, num_params, z.device)
+        return _adjoint(plan, z, theta, r, final, grad_out, op_tensors(theta, tables), tables, True, True)
+
+    return torch.compile(forward, fullgraph=True), torch.compile(backward, fullgraph=True)
+
+
+def _dynamic(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Mark the token axis (the first of z, r and grad_out, the last of a state) dynamic for torch.compile."""
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0 if t.dim() == 2 else t.dim() - 1)
+    return tensors
+
+
+def compiled_on(device: torch.device) -> bool:
+    """Whether the exact engine runs compiled on `device`: `QAA_EXACT_COMPILE` = auto (on CUDA only: on a CPU the
+    buffered eager path measured faster, and compiling costs a minute per circuit shape), always, or never."""
+    mode = os.environ.get("QAA_EXACT_COMPILE", "auto")
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"QAA_EXACT_COMPILE={mode!r}: expected auto, always or never")
+    return mode == "always" or (mode == "auto" and device.type == "cuda")
+
+
 class _AdjointCircuit(torch.autograd.Function):
     """||z|| * r(U |z/||z||>) with adjoint differentiation: keeps z and the final state, nothing per gate."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, theta: torch.Tensor, plan: Plan, keep: bool) -> torch.Tensor:
-        tensors = op_tensors(plan, theta)  # no graph: `theta_grad` is their backward
-        norm, inv_norm = _norms(z)
-        shape = (1 if plan.first_phase < 0 else 2, plan.dim, len(z))
-        kept = _SAVED.take(math.prod(shape), norm) if keep else None  # the last op writes the final state there
-        final = _run(plan, _initial_state(_BUFFERS, z, inv_norm, plan.dim), tensors, _BUFFERS, last=kept)
-        r = _readout(plan, _probs(final, _BUFFERS.scratch(final.shape[1:], final)))
-        ctx.plan, ctx.tensors, ctx.shape, ctx.kept = plan, tensors, final.shape, kept
+    def forward(ctx, z: torch.Tensor, theta: torch.Tensor, plan: Plan, keep: bool, compiled: bool) -> torch.Tensor:
+        ctx.plan, ctx.compiled = plan, compiled
+        if compiled:
+            out, final, r = _compiled(plan, len(theta))[0](*_dynamic(z), theta)
+            ctx.final = final if keep else None
+        else:
+            ctx.tables = tables = _tables(plan, len(theta), z.device)
+            tensors = op_tensors(theta, tables)  # no graph: `theta_grad` is their backward
+            shape = (1 if plan.first_phase < 0 else 2, plan.dim, len(z))
+            # The last op writes the final state into `kept`, a recycled buffer.
+            kept = _SAVED.take(math.prod(shape), z.new_empty(0, dtype=torch.float32)) if keep else None
+            out, final, r = _circuit(plan, z, tensors, tables, _BUFFERS, last=kept)
+            ctx.tensors, ctx.shape, ctx.kept = tensors, final.shape, kept
         ctx.save_for_backward(z, theta, r)
-        return norm * r
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         plan: Plan = ctx.plan
         z, theta, r = ctx.saved_tensors
-        tensors: list[torch.Tensor] = ctx.tensors
-        buffers = _BUFFERS
-        norm, inv_norm = _norms(z)
+        need_z, need_theta = ctx.needs_input_grad[:2]
+        if ctx.compiled:
+            forward, backward = _compiled(plan, len(theta))
+            final = ctx.final if ctx.final is not None else forward(*_dynamic(z), theta)[1]
+            z_, r_, final_, grad_ = _dynamic(z, r, final, grad_out)
+            grad_z, grad_theta = backward(z_, theta, r_, final_, grad_)
+            return grad_z if need_z else None, grad_theta if need_theta else None, None, None, None
         kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) replays the circuit instead
         if kept is None:
-            final = _run(plan, _initial_state(buffers, z, inv_norm, plan.dim), tensors, buffers)
+            final = _circuit(plan, z, ctx.tensors, ctx.tables, _BUFFERS)[1]
         else:
             final = kept[: math.prod(ctx.shape)].view(ctx.shape)
-        weights = buffers.scratch(final.shape[1:], final)
-        g = (grad_out.float() * norm).transpose(0, 1)  # d loss / d r, as [k, M]: the output is ||z|| * r
-        signs = _readout_matrix(plan.n, plan.readout, final.device)
-        if signs is None:
-            torch.mul(g, 2, out=weights)
-        else:
-            torch.mm(signs, g, out=weights).mul_(2)  # d loss / d |amplitude|^2, times 2: d |a|^2 / d a = 2a
-
-        # Walk back through the ops with the state and its cotangent side by side, [state; cot] as [2, S, 2^n, M]:
-        # every op inverts the state and propagates the cotangent in one call (the ops are unitary).
-        pair = buffers.next((2, *final.shape), final)
-        pair[0].copy_(final)
-        torch.mul(final, weights, out=pair[1])  # d loss / d amplitudes
+        grads = _adjoint(plan, z, theta, r, final, grad_out, ctx.tensors, ctx.tables, need_z, need_theta, _BUFFERS)
         if kept is not None:
             _SAVED.give(kept)
-        grads: list[torch.Tensor | None] = [None] * len(tensors)
-        k = len(tensors)
-        for index, op in reversed(list(enumerate(plan.ops))):
-            if isinstance(op, Permutation):
-                pair = _permute(pair, op, inverse=True, out=buffers.next(pair.shape, pair))
-                continue
-            if isinstance(op, Phase):
-                k -= 1
-                pair = _apply_phase(pair, tensors[k], conj=True, out=buffers.next(pair.shape, pair))
-                if ctx.needs_input_grad[1]:  # d/dphi_j = sum_cols Im(conj(before) * cot)
-                    im = torch.mul(pair[0, 0], pair[1, 1], out=weights)
-                    grads[k] = im.addcmul_(pair[0, 1], pair[1, 0], value=-1).sum(1)
-                if index == plan.first_phase:  # the state was real before it: drop the (zero) imaginary parts
-                    pair = buffers.next((2, 1, *pair.shape[2:]), pair).copy_(pair[:, :1])
-                continue
-            for start, size in reversed(plan.blocks):
-                k -= 1
-                cot_after = pair[1]
-                pair = _apply_block(pair, tensors[k].transpose(0, 1), start, size, buffers.next(pair.shape, pair))
-                if ctx.needs_input_grad[1]:
-                    grads[k] = _block_grad(cot_after, pair[0], start, size)
-        grad_z = None
-        if ctx.needs_input_grad[0]:
-            # v = d loss / d psi, scaled by ||z||. With psi = z / ||z|| and the output ||z|| r, the chain rule gives
-            # d/dz = (v - psi (psi . v)) / ||z|| + psi (grad_out . r) = (v + z (grad_out . r - z . v / ||z||^2)) / ||z||
-            # (only the first d rows of v: the padding is not an input).
-            v = pair[1, 0, : z.shape[-1]].transpose(0, 1)
-            zf = z.float()
-            coef = (grad_out.float() * r).sum(-1, keepdim=True) - _row_dot(zf, v).unsqueeze(1) * inv_norm * inv_norm
-            grad_z = torch.addcmul(v, zf, coef).mul_(inv_norm).to(z.dtype)
-        grad_theta = theta_grad(plan, theta, grads) if ctx.needs_input_grad[1] else None
-        return grad_z, grad_theta, None, None
-
-
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_m a[j, m] b[j, m] for every row j, without materialising a * b."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+        return *grads, None, None, None
 
 
 def exact_expectations(plan: Plan, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """`||z|| * r(U(theta)|z/||z||>)` for z of shape [M, d <= 2^n]; differentiable in z and theta."""
     if plan.strategy == "blocks":
         keep = torch.is_grad_enabled() and (z.requires_grad or theta.requires_grad)
-        return _AdjointCircuit.apply(z, theta, plan, keep)
-    tensors = op_tensors(plan, theta)
+        return _AdjointCircuit.apply(z, theta, plan, keep, compiled_on(z.device))
+    tables = _tables(plan, len(theta), z.device)
+    tensors = op_tensors(theta, tables)
     norm, inv_norm = _norms(z)
     psi = torch.nn.functional.pad(z.float() * inv_norm, (0, plan.dim - z.shape[-1]))
     # Run over the basis as columns: u[s] holds the real (s = 0) and imaginary parts of U.
-    u = _run(plan, torch.eye(plan.dim, device=z.device)[None], tensors)
+    u = _run(plan, torch.eye(plan.dim, device=z.device)[None], tensors, tables)
     final = torch.matmul(u, psi.transpose(0, 1))
-    return norm * _readout(plan, final.square().sum(0))
+    return norm * _readout(final.square().sum(0), tables)
