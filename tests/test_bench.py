@@ -150,6 +150,7 @@ def test_quick_bench_runs_every_row_as_a_job_and_writes_the_table(tmp_path):
         again.stop()
     resumed = json.loads((out / "methods_budget.json").read_text())
     assert resumed["rows"] == record["rows"] and resumed["learning_rates"] == record["learning_rates"]
+    assert resumed["started_at"] == record["started_at"] and resumed["wall_seconds"] >= record["wall_seconds"]
     assert again.log().count("finished before") == len(ROWS) and "submitted" not in again.log()
 
 

@@ -589,8 +589,9 @@ def run_bench(*, url: str | None = None, quick: bool = False, seeds: int | None 
               resume: bool = False) -> int:  # fmt: skip
     """Run every row of `plan` as jobs, one at a time, writing the results after each; 0 if all succeeded.
 
-    The rate grid runs first; every other row then trains at its method's chosen rate. With `resume`, jobs an
-    earlier run in `out` finished (and the store still holds) are taken as they are."""
+    The rate grid runs first; every other row then trains at its method's chosen rate, the headline rows first.
+    With `resume`, jobs an earlier run in `out` finished (and the store still holds) are taken as they are, and
+    the wall time adds up the sittings."""
     console = render.console()
     budget = QUICK if quick else PUBLISHED
     budget = replace(budget, **{k: v for k, v in (("seeds", seeds), ("steps", steps), ("samples", samples)) if v})
@@ -609,12 +610,18 @@ def run_bench(*, url: str | None = None, quick: bool = False, seeds: int | None 
         from workers.models import load_model
 
         load_model(budget.model, models_dir=get_settings().models_dir)
-    started = time.monotonic()
+    started, before = time.monotonic(), 0.0
     try:
         done = finished_jobs(url, out) if resume else {}
+        if done:  # the run goes on: its start and wall time count the earlier sittings
+            earlier = json.loads((out / "methods_budget.json").read_text())
+            record["started_at"], before = earlier["started_at"], earlier["wall_seconds"]
         jobs = [(row, seed) for seed in range(budget.seeds) for row in rows if seed in row.seeds]
         grid = [(row, seed) for row, seed in jobs if row.group == "grid"]
-        rest = [(row, seed) for row, seed in jobs if row.group != "grid"]
+        # The rows the targets are measured on come first, so an interrupted run has them; then variants, hardware.
+        rest = sorted(
+            ((row, seed) for row, seed in jobs if row.group != "grid"), key=lambda j: j[0].group != "headline"
+        )
         console.print(f"qaa bench: {len(rows)} rows, {len(jobs)} jobs ({len(done)} kept from an earlier run); "
                       f"results in {out}/", markup=False)  # fmt: skip
         for phase in (grid, rest):
@@ -624,7 +631,7 @@ def run_bench(*, url: str | None = None, quick: bool = False, seeds: int | None 
                 console.print(f"  chosen learning rates: {record['learning_rates']}", markup=False)
             for row, seed in phase:
                 _one(url, row, seed, done, record, console)
-                record["wall_seconds"] = round(time.monotonic() - started, 1)
+                record["wall_seconds"] = round(before + time.monotonic() - started, 1)
                 write_results(out, rows, record)
     except (ClientError, BenchError, StackError) as exc:
         console.print(f"qaa bench: {exc}", markup=False)
