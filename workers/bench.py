@@ -629,7 +629,9 @@ def run_bench(*, url: str | None = None, quick: bool = False, seeds: int | None 
                 record["learning_rates"] = choose_rates(rows)
                 apply_rates(rows, record["learning_rates"])
                 console.print(f"  chosen learning rates: {record['learning_rates']}", markup=False)
-            for row, seed in phase:
+            # Jobs finished before are taken first: the results written after each new job then hold every one
+            # of them, so a resumed run interrupted again loses none.
+            for row, seed in sorted(phase, key=lambda job: _kept(*job, done) is None):
                 _one(url, row, seed, done, record, console)
                 record["wall_seconds"] = round(before + time.monotonic() - started, 1)
                 write_results(out, rows, record)
@@ -643,15 +645,20 @@ def run_bench(*, url: str | None = None, quick: bool = False, seeds: int | None 
     return 1 if record["failures"] else 0
 
 
+def _kept(row: Row, seed: int, done: dict) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """The (job, points) an earlier run finished for `row` and `seed` with the spec it would run now, or None."""
+    previous = done.get((row.label, seed))
+    return previous if previous is not None and _same_run(previous[0]["spec"], row.spec_for(seed)) else None
+
+
 def _one(url: str | None, row: Row, seed: int, done: dict, record: dict[str, Any], console) -> None:
     """Run (or, finished before with the same spec, take) one job of `row`."""
-    spec = row.spec_for(seed)
-    previous = done.get((row.label, seed))
-    if previous is not None and _same_run(previous[0]["spec"], spec):
+    previous = _kept(row, seed, done)
+    if previous is not None:
         job, points = previous
         console.print(f"  {row.label} seed {seed}: {job['id']} finished before", markup=False)
     else:
-        job, points = _run_job(url, spec, console)
+        job, points = _run_job(url, row.spec_for(seed), console)
     row.jobs.append(job)
     row.points[seed] = points
     if job["status"] != "succeeded":
