@@ -631,7 +631,7 @@ def run_bench(*, url: str | None = None, quick: bool = False, seeds: int | None 
                 console.print(f"  chosen learning rates: {record['learning_rates']}", markup=False)
             # Jobs finished before are taken first: the results written after each new job then hold every one
             # of them, so a resumed run interrupted again loses none.
-            for row, seed in sorted(phase, key=lambda job: _kept(*job, done) is None):
+            for row, seed in sorted(phase, key=lambda job: not _finished_before(*job, done)):
                 _one(url, row, seed, done, record, console)
                 record["wall_seconds"] = round(before + time.monotonic() - started, 1)
                 write_results(out, rows, record)
@@ -643,6 +643,11 @@ def run_bench(*, url: str | None = None, quick: bool = False, seeds: int | None 
         return 130
     console.print((out / "methods.md").read_text(), markup=False)
     return 1 if record["failures"] else 0
+
+
+def _finished_before(row: Row, seed: int, done: dict) -> bool:
+    """Whether an earlier run finished this job and every job it loads from (known before any of them runs)."""
+    return (row.label, seed) in done and (row.source is None or _finished_before(row.source, 0, done))
 
 
 def _kept(row: Row, seed: int, done: dict) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
