@@ -23,8 +23,9 @@ Both return `||z|| * r(U(theta) |z/||z||>)`: the norm restore of docs/qaa.md is 
 yields zero output and zero gradient.
 
 `blocks` runs eagerly into reused buffers, or, on CUDA by default (`QAA_EXACT_COMPILE`), as two torch.compile
-graphs of the same functions without buffers (`_compiled`): one adapter's forward and backward is then about 130
-aten ops instead of about 900, which on a GPU is the difference between launch-bound and not. On a CPU the eager
+graphs of the same functions without buffers (`_compiled`): one adapter's forward and backward is then at most 150
+aten ops instead of hundreds (`tests/test_exact_engine.py` counts them), which on a GPU is the difference between
+launch-bound and not. On a CPU the eager
 path is as fast or faster and needs no compile, so it stays the default there.
 """
 
@@ -626,10 +627,8 @@ class _AdjointCircuit(torch.autograd.Function):
         z, theta, r = ctx.saved_tensors
         need_z, need_theta = ctx.needs_input_grad[:2]
         if ctx.compiled:
-            forward, backward = _compiled(plan, len(theta))
-            final = ctx.final if ctx.final is not None else forward(*_dynamic(z), theta)[1]
-            z_, r_, final_, grad_ = _dynamic(z, r, final, grad_out)
-            grad_z, grad_theta = backward(z_, theta, r_, final_, grad_)
+            # A backward runs only where the forward kept its final state (`keep`); it stays for a second one.
+            grad_z, grad_theta = _compiled(plan, len(theta))[1](*_dynamic(z), theta, *_dynamic(r, ctx.final, grad_out))
             return grad_z if need_z else None, grad_theta if need_theta else None, None, None, None
         kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) replays the circuit instead
         if kept is None:
