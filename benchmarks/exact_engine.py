@@ -77,9 +77,9 @@ def measure_step(method: str, steps: int, warmup: int, device: str = "cpu", batc
     figures = {"step_seconds": min(times), **memory, "trainable_params": share["trainable"],
                "trainable_share": share["share"]}  # fmt: skip
     if method == "qaa":
-        from circuits.backends.exact import compiled_on
+        from circuits.backends.exact import engine_path
 
-        figures["exact_compiled"] = compiled_on(torch.device(device))  # QAA_EXACT_COMPILE: on CUDA by default
+        figures["exact_engine"] = engine_path(torch.device(device))  # kernel on a CPU, compiled on CUDA by default
     return figures
 
 
@@ -159,8 +159,7 @@ def main() -> None:
             "batch": f"{args.batch} x {args.tokens} tokens",
             "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
             "adapters": "q_proj, v_proj (60)",
-            "qaa": f"exact engine ({'compiled' if runs['qaa'][0]['exact_compiled'] else 'eager'}), n = 10, L = 2, "
-            "ring, expval",
+            "qaa": f"exact engine ({runs['qaa'][0]['exact_engine']}), n = 10, L = 2, ring, expval",
             "lora": "PEFT r = 8, alpha 16",
             "steps": f"fastest of {args.steps} steps after {args.warmup} warm-up, median of {args.rounds} alternating "
             "rounds",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,15 @@ from circuits.config import zz_pairs
 
 ENTANGLERS = ["ring", "linear", "none"]
 READOUTS = ["expval", "expval+zz", "probs"]
+#: (strategy, QAA_EXACT_KERNEL): the dense unitary, then `blocks` eagerly and as the C++ CPU kernel.
+ENGINES = [("dense", "auto"), ("blocks", "never"), ("blocks", "auto")]
+
+
+def run_on(engine: tuple[str, str], plan_args: tuple, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    strategy, kernel = engine
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QAA_EXACT_KERNEL", kernel)
+        return exact_expectations(plan_for(*plan_args, strategy), z, theta)
 
 
 def reference(n: int, layers: int, entangler: str, readout: str, z: np.ndarray, theta: np.ndarray) -> np.ndarray:
@@ -61,31 +71,36 @@ def test_matches_qiskit_statevector(n: int, entangler: str, readout: str) -> Non
     z = torch.randn(4, max(1, 2**n - 1), generator=gen)  # one short of 2^n: the zero padding is exercised
     theta = torch.rand(2 * layers * n + n, generator=gen) * 2 * np.pi
     want = reference(n, layers, entangler, readout, z.double().numpy(), theta.double().numpy())
-    for strategy in ("dense", "blocks"):
-        got = exact_expectations(plan_for(n, layers, entangler, readout, strategy), z, theta).detach().numpy()
-        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"strategy={strategy}")
+    for engine in ENGINES:
+        got = run_on(engine, (n, layers, entangler, readout), z, theta).detach().numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"engine={engine}")
 
 
 @pytest.mark.parametrize("n", [3, 6, 9, 10])  # 10: blocks of 4 + 3 + 3 qubits, as SmolLM2's adapters
 @pytest.mark.parametrize("readout", READOUTS)
 def test_adjoint_gradients_equal_autograd(n: int, readout: str) -> None:
-    """The hand-written adjoint (blocks) against plain autograd through the dense unitary."""
+    """The hand-written adjoints (blocks, eager and the CPU kernel) against plain autograd through the dense
+    unitary."""
     gen = torch.Generator().manual_seed(n)
     z = torch.randn(5, 2**n - 3, generator=gen)
     theta = torch.rand(5 * n, generator=gen) * 6
-    grads = {}
-    for strategy in ("dense", "blocks"):
+    grads = []
+    for engine in ENGINES:
         zs, ts = z.clone().requires_grad_(), theta.clone().requires_grad_()
-        out = exact_expectations(plan_for(n, 2, "ring", readout, strategy), zs, ts)
+        out = run_on(engine, (n, 2, "ring", readout), zs, ts)
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-        grads[strategy] = torch.autograd.grad((out * weights).sum(), [zs, ts])
-    for dense, blocks in zip(grads["dense"], grads["blocks"], strict=True):
-        torch.testing.assert_close(blocks, dense, atol=2e-5, rtol=1e-4)
+        grads.append(torch.autograd.grad((out * weights).sum(), [zs, ts]))
+    dense = grads[0]
+    for engine, adjoint in zip(ENGINES[1:], grads[1:], strict=True):
+        for a, b in zip(adjoint, dense, strict=True):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, e=engine: f"{e}: {m}")
 
 
-@pytest.mark.parametrize("strategy", ["dense", "blocks"])
-def test_gradients_match_finite_differences(strategy: str) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_gradients_match_finite_differences(engine: tuple[str, str], monkeypatch) -> None:
     n, layers = 4, 2
+    strategy, kernel = engine
+    monkeypatch.setenv("QAA_EXACT_KERNEL", kernel)
     plan = plan_for(n, layers, "ring", "expval+zz", strategy)
     gen = torch.Generator().manual_seed(7)
     z = torch.randn(3, 2**n, generator=gen, dtype=torch.float64)
@@ -107,8 +122,10 @@ def test_gradients_match_finite_differences(strategy: str) -> None:
         assert abs(fd.item() - gz[row, col].item()) < 2e-3
 
 
-@pytest.mark.parametrize("strategy", ["dense", "blocks"])
-def test_zero_input_gives_zero_output_and_gradient(strategy: str) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_zero_input_gives_zero_output_and_gradient(engine: tuple[str, str], monkeypatch) -> None:
+    strategy, kernel = engine
+    monkeypatch.setenv("QAA_EXACT_KERNEL", kernel)
     plan = plan_for(5, 2, "ring", "expval", strategy)
     z = torch.zeros(3, 20, requires_grad=True)
     theta = torch.rand(25, requires_grad=True)
@@ -119,12 +136,13 @@ def test_zero_input_gives_zero_output_and_gradient(strategy: str) -> None:
     assert torch.isfinite(theta.grad).all()
 
 
-def test_second_backward_replays_and_state_buffers_are_reused() -> None:
-    """The adjoint keeps the final state from forward to backward in a recycled buffer: a graph kept for a second
-    backward (retain_graph) replays the circuit and gets the same gradients, steps reuse the buffers (none piles
-    up), and a forward without gradients keeps nothing."""
+def test_second_backward_replays_and_state_buffers_are_reused(monkeypatch) -> None:
+    """The eager adjoint keeps the final state from forward to backward in a recycled buffer: a graph kept for a
+    second backward (retain_graph) replays the circuit and gets the same gradients, steps reuse the buffers (none
+    piles up), and a forward without gradients keeps nothing."""
     from circuits.backends.exact import _SAVED
 
+    monkeypatch.setenv("QAA_EXACT_KERNEL", "never")
     plan = plan_for(9, 2, "ring", "expval+zz")
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(7, 300, generator=gen, requires_grad=True)
@@ -158,6 +176,67 @@ def test_saved_state_pool_takes_the_smallest_fit_and_drops_the_smallest_when_ful
     assert pool.take(6, torch.zeros(1)).numel() == 7
     assert sorted(b.numel() for b in pool.free) == [5, 9]
     assert pool.take(10, torch.zeros(1)).numel() == 10  # none fits: a new one
+
+
+def test_the_cpu_kernel_builds_here_and_runs_by_default_on_a_cpu(monkeypatch) -> None:
+    """This machine has gcc and ninja: the kernel builds, and `blocks` on a CPU runs through it unless told not to."""
+    from circuits.backends.exact import engine_path
+    from circuits.backends.exact_kernel import kernel
+
+    cpu = torch.device("cpu")
+    assert kernel() is not None
+    assert engine_path(cpu) == "kernel"
+    monkeypatch.setenv("QAA_EXACT_KERNEL", "never")
+    assert engine_path(cpu) == "eager"
+    monkeypatch.setenv("QAA_EXACT_KERNEL", "yes")
+    with pytest.raises(ValueError, match="expected auto or never"):
+        engine_path(cpu)
+
+
+@pytest.mark.parametrize("tokens", [1, 37, 256])  # one token, a partial tile of 16, SmolLM2's 4 x 64
+def test_the_cpu_kernel_equals_the_eager_engine_at_model_scale(tokens: int) -> None:
+    """n = 10, L = 2 from d = 576, as SmolLM2's adapters: output and both gradients within 1e-5 of their magnitude,
+    on every token count (tiles pad the last one), and the same on one thread as on two."""
+    gen = torch.Generator().manual_seed(tokens)
+    z = torch.randn(tokens, 576, generator=gen)
+    theta = torch.rand(50, generator=gen) * 6
+    weights = torch.randn(tokens, 10, generator=gen)
+
+    def run(engine: tuple[str, str]) -> list[torch.Tensor]:
+        zs, ts = z.clone().requires_grad_(), theta.clone().requires_grad_()
+        out = run_on(engine, (10, 2, "ring", "expval"), zs, ts)
+        return [out.detach(), *torch.autograd.grad((out * weights).sum(), [zs, ts])]
+
+    eager, kernel = run(("blocks", "never")), run(("blocks", "auto"))
+    for name, a, b in zip(["output", "z grad", "theta grad"], kernel, eager, strict=True):
+        assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item(), name
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run(("blocks", "auto"))
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(["output", "z grad", "theta grad"], single, kernel, strict=True):
+        assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item(), f"{name}, one thread"
+
+
+def test_without_a_compiler_the_engine_warns_once_and_runs_eagerly(tmp_path) -> None:
+    """A worker that cannot build the kernel (here: no C++ compiler) still trains, on the eager engine."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, logging; logging.basicConfig()\n"
+        "from circuits.backends.exact import engine_path, exact_expectations, plan_for\n"
+        "z = torch.randn(3, 200, requires_grad=True); theta = torch.rand(40, requires_grad=True)\n"
+        "exact_expectations(plan_for(8, 2, 'ring', 'expval', 'blocks'), z, theta).sum().backward()\n"
+        "print(engine_path(torch.device('cpu')), bool(torch.isfinite(theta.grad).all()))\n"
+    )
+    env = {**os.environ, "CXX": "/nonexistent/c++", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["eager", "True"]
+    assert done.stderr.count("could not be built") == 1
 
 
 def test_strategy_chosen_by_size() -> None:
@@ -216,6 +295,7 @@ def test_one_compiled_adapter_step_runs_at_most_150_ops_and_never_recompiles(mon
         return layer(x).detach(), x.grad, adapter.theta.grad.clone(), adapter.up.weight.grad.clone()
 
     monkeypatch.setenv("QAA_EXACT_COMPILE", "never")
+    monkeypatch.setenv("QAA_EXACT_KERNEL", "never")
     eager = measured(256)
     monkeypatch.setenv("QAA_EXACT_COMPILE", "always")
     compiled = measured(256)
@@ -261,4 +341,4 @@ def test_the_exact_engine_benchmark_measures_a_step_on_the_device_it_is_given(de
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     memory = "peak_cuda_mb" if device == "cuda" else "peak_rss_mb"
     assert figures["step_seconds"] > 0 and figures[memory] > 0 and figures["trainable_params"] == 233_400
-    assert figures["exact_compiled"] is (device == "cuda")  # QAA_EXACT_COMPILE=auto
+    assert figures["exact_engine"] == ("compiled" if device == "cuda" else "kernel")  # the defaults

@@ -22,11 +22,15 @@ Two strategies, chosen by cost:
 Both return `||z|| * r(U(theta) |z/||z||>)`: the norm restore of docs/qaa.md is part of the engine, and a zero vector
 yields zero output and zero gradient.
 
-`blocks` runs eagerly into reused buffers, or, on CUDA by default (`QAA_EXACT_COMPILE`), as two torch.compile
-graphs of the same functions without buffers (`_compiled`): one adapter's forward and backward is then at most 150
-aten ops instead of hundreds (`tests/test_exact_engine.py` counts them), which on a GPU is the difference between
-launch-bound and not. On a CPU the eager
-path is as fast or faster and needs no compile, so it stays the default there.
+`blocks` runs one of three ways (`engine_path`):
+
+* on a CPU by default, as the C++ kernel of `exact_kernel` (the same ops, one tile of 16 tokens at a time in cache;
+  it keeps nothing from forward to backward): it measured about twice as fast as the eager path at SmolLM2 scale
+  (`benchmarks/exact_engine.py`);
+* on CUDA by default (`QAA_EXACT_COMPILE`), as two torch.compile graphs of the eager functions without buffers
+  (`_compiled`): one adapter's forward and backward is then at most 150 aten ops instead of hundreds
+  (`tests/test_exact_engine.py` counts them), which on a GPU is the difference between launch-bound and not;
+* eagerly into reused buffers, where neither applies (`QAA_EXACT_KERNEL=never`, or no compiler to build the kernel).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import torch
 
 from ..ansatz import Gate, ansatz_gates
 from ..config import zz_pairs
+from .exact_kernel import kernel, kernel_plan, kernel_wanted
 
 #: Largest fused block of qubits. Blocks of at most 4 measured fastest on CPU at n = 8..12 (n = 10 as 4+3+3 beats
 #: 5+5 by a fifth: half the flops for one more pass over a state that the buffers below keep in place).
@@ -519,17 +524,20 @@ def _adjoint(plan: Plan, z: torch.Tensor, theta: torch.Tensor, r: torch.Tensor, 
             pair = _apply_block(pair, tensors[k].transpose(0, 1), start, size, _next(buffers, pair.shape, pair))
             if need_theta:
                 grads[k] = _block_grad(cot_after, pair[0], start, size, fused=buffers is None)
-    grad_z = None
-    if need_z:
-        # v = d loss / d psi, scaled by ||z||. With psi = z / ||z|| and the output ||z|| r, the chain rule gives
-        # d/dz = (v - psi (psi . v)) / ||z|| + psi (grad_out . r) = (v + z (grad_out . r - z . v / ||z||^2)) / ||z||
-        # (only the first d rows of v: the padding is not an input).
-        v = pair[1, 0, : z.shape[-1]].transpose(0, 1)
-        zf = z.float()
-        coef = (grad_out.float() * r).sum(-1, keepdim=True) - (zf * v).sum(-1, keepdim=True) * inv_norm * inv_norm
-        grad_z = torch.addcmul(v, zf, coef).mul_(inv_norm).to(z.dtype)
+    grad_z = _input_grad(z, pair[1, 0, : z.shape[-1]].transpose(0, 1), r, grad_out, inv_norm) if need_z else None
     grad_theta = theta_grad(theta, grads, tables) if need_theta else None
     return grad_z, grad_theta
+
+
+def _input_grad(z: torch.Tensor, v: torch.Tensor, r: torch.Tensor, grad_out: torch.Tensor, inv_norm: torch.Tensor):
+    """d loss / d z from v = d loss / d psi [M, d] (scaled by ||z||; the padding is not an input).
+
+    With psi = z / ||z|| and the output ||z|| r, the chain rule gives
+    d/dz = (v - psi (psi . v)) / ||z|| + psi (grad_out . r) = (v + z (grad_out . r - z . v / ||z||^2)) / ||z||.
+    """
+    zf = z.float()
+    coef = (grad_out.float() * r).sum(-1, keepdim=True) - (zf * v).sum(-1, keepdim=True) * inv_norm * inv_norm
+    return torch.addcmul(v, zf, coef).mul_(inv_norm).to(z.dtype)
 
 
 class _SavedStates:
@@ -601,6 +609,16 @@ def compiled_on(device: torch.device) -> bool:
     return mode == "always" or (mode == "auto" and device.type == "cuda")
 
 
+def engine_path(device: torch.device) -> str:
+    """How the `blocks` strategy runs on `device`: "compiled" (`QAA_EXACT_COMPILE`; CUDA by default), "kernel" (the
+    C++ CPU kernel, `QAA_EXACT_KERNEL`, where it builds) or "eager"."""
+    if compiled_on(device):
+        return "compiled"
+    if kernel_wanted(device) and kernel() is not None:
+        return "kernel"
+    return "eager"
+
+
 class _AdjointCircuit(torch.autograd.Function):
     """||z|| * r(U |z/||z||>) with adjoint differentiation: keeps z and the final state, nothing per gate."""
 
@@ -641,11 +659,67 @@ class _AdjointCircuit(torch.autograd.Function):
         return *grads, None, None, None
 
 
+class _KernelCircuit(torch.autograd.Function):
+    """The `blocks` strategy on a CPU through the C++ kernel (`exact_kernel`): the same circuit, per tile of tokens
+    in cache. Keeps only z, theta and r: the backward replays each tile's circuit before walking it back."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, theta: torch.Tensor, plan: Plan, module) -> torch.Tensor:
+        tables = _tables(plan, len(theta), z.device)
+        spec = kernel_plan(plan)
+        norm, inv_norm = _norms(z)
+        zf = z.float().contiguous()
+        ry, phase = _kernel_angles(theta, spec, tables)
+        probs = module.forward(zf, inv_norm.view(-1), spec.ops, ry, phase, spec.perm, spec.inverse, plan.dim)
+        r = _readout(probs, tables)
+        ctx.plan, ctx.module = plan, module
+        ctx.save_for_backward(z, theta, r)
+        return norm * r
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        plan: Plan = ctx.plan
+        z, theta, r = ctx.saved_tensors
+        tables = _tables(plan, len(theta), z.device)
+        spec = kernel_plan(plan)
+        norm, inv_norm = _norms(z)
+        g = (grad_out.float() * norm).transpose(0, 1)  # d loss / d r as [k, M]: the output is ||z|| * r
+        weights = (g if tables.readout is None else tables.readout @ g).mul(2).contiguous()
+        ry, phase = _kernel_angles(theta, spec, tables)
+        v, grad_ry, grad_phi = ctx.module.backward(
+            z.float().contiguous(), inv_norm.view(-1), spec.ops, ry, phase, spec.perm, spec.inverse, plan.dim, weights
+        )
+        grad_z = _input_grad(z, v, r, grad_out, inv_norm) if ctx.needs_input_grad[0] else None
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            d_theta = theta.new_zeros(len(theta) + 1, dtype=torch.float32).index_add_(0, spec.rotations, grad_ry)
+            if tables.phases is not None:  # phi_j = -sum_i s_ij theta_i / 2
+                d_phase = -(tables.bit_signs.transpose(0, 1) @ grad_phi.transpose(0, 1)) / 2  # [n, phases]
+                d_theta.index_add_(0, tables.phases.flatten(), d_phase.flatten())
+            grad_theta = d_theta[:-1].to(theta.dtype)
+        return grad_z, grad_theta, None, None
+
+
+def _kernel_angles(theta: torch.Tensor, spec, tables: _Tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's angle tables: (cos, sin) of each RY's half angle [G, 2], and of each phase's phi [F, 2^n, 2]."""
+    half = _half_angles(theta.detach())
+    ry = torch.stack([torch.cos(half[spec.rotations]), torch.sin(half[spec.rotations])], -1)
+    if tables.phases is None:
+        phase = half.new_zeros(0, len(tables.bit_signs), 2)
+    else:
+        phi = -(tables.bit_signs[:, :, None] * half[tables.phases]).sum(1).transpose(0, 1)  # [phases, 2^n]
+        phase = torch.stack([torch.cos(phi), torch.sin(phi)], -1)
+    return ry.contiguous(), phase.contiguous()
+
+
 def exact_expectations(plan: Plan, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """`||z|| * r(U(theta)|z/||z||>)` for z of shape [M, d <= 2^n]; differentiable in z and theta."""
     if plan.strategy == "blocks":
+        path = engine_path(z.device)
+        if path == "kernel":
+            return _KernelCircuit.apply(z, theta, plan, kernel())
         keep = torch.is_grad_enabled() and (z.requires_grad or theta.requires_grad)
-        return _AdjointCircuit.apply(z, theta, plan, keep, compiled_on(z.device))
+        return _AdjointCircuit.apply(z, theta, plan, keep, path == "compiled")
     tables = _tables(plan, len(theta), z.device)
     tensors = op_tensors(theta, tables)
     norm, inv_norm = _norms(z)

@@ -1,0 +1,331 @@
+// The exact engine's CPU kernel: a whole QAA circuit per tile of tokens, in cache.
+//
+// The eager engine applies each op to the whole batch of states, so every op is a pass over megabytes of memory
+// and a Python-dispatched call. Here a tile of T tokens is simulated from start to end while its state (2^n x T
+// complex floats, 128 KiB at n = 10) stays in the core's L2 cache, one gate at a time: with the token axis
+// innermost, every gate is a loop over T contiguous floats, which the compiler vectorises for any qubit.
+//
+// The backward keeps nothing from the forward: it replays the tile's circuit (cheap in cache), then walks the ops
+// back inverting the state and carrying the cotangent (the adjoint method). Each gate's gradient is read off the
+// state after it, so no intermediate is stored.
+//
+// Ops (rows of `ops`, int32 [K, 3]): (0, qubit, g) an RY(theta_g) with (cos, sin) of its half angle in ry[g];
+// (1, f, 0) a diagonal phase e^{i phi_j} with (cos, sin) in phase[f, j]; (2, p, 0) a gather new[j] = old[perm[p, j]]
+// (inv[p] is its inverse).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr int T = 16;     // tokens per tile
+
+// One pass over a tile: an RY on `qubit` with (c, s) the cos and sin of its half angle (`slot`: its index in ry
+// and in the gradient), a phase, or a gather (`slot`: the phase's or the permutation's index).
+struct Step {
+  int kind;  // 0 RY, 1 phase, 2 gather
+  int slot;
+  int qubit;
+  float c, s;
+};
+
+struct Circuit {
+  int dim;
+  std::vector<Step> steps;
+  const float* phase;
+  const int32_t* perm;
+  const int32_t* inv;
+};
+
+// A tile's complex state as real and imaginary planes [dim][T]; `spare` holds the target of a gather.
+struct State {
+  float* re;
+  float* im;
+  float* spare_re;
+  float* spare_im;
+  bool complex = false;
+};
+
+// One RY on a plane: amplitude pairs (j, j + stride), the token axis innermost.
+inline void rotate(float* __restrict v, int dim, int qubit, float c, float s) {
+  const int stride = 1 << qubit;
+  for (int base = 0; base < dim; base += 2 * stride) {
+    for (int j = base; j < base + stride; ++j) {
+      float* __restrict a = v + j * T;
+      float* __restrict b = v + (j + stride) * T;
+      for (int t = 0; t < T; ++t) {
+        const float x = a[t], y = b[t];
+        a[t] = c * x - s * y;
+        b[t] = s * x + c * y;
+      }
+    }
+  }
+}
+
+// The same RY walked back with its cotangent: returns its share of d loss / d theta, read off the state `v` after
+// it and the cotangent `g` there (dRY/dtheta = RY [[0, -1], [1, 0]] / 2, so the share is sum (g1 a0' - g0 a1') / 2),
+// and inverts the state and carries the cotangent back (RY^T = RY(-theta)) in the same pass.
+inline float rotate_back(float* __restrict v, float* __restrict g, int dim, int qubit, float c, float s) {
+  const int stride = 1 << qubit;
+  float acc[T] = {};
+  for (int base = 0; base < dim; base += 2 * stride) {
+    for (int j = base; j < base + stride; ++j) {
+      float* __restrict a = v + j * T;
+      float* __restrict b = v + (j + stride) * T;
+      float* __restrict ga = g + j * T;
+      float* __restrict gb = g + (j + stride) * T;
+      for (int t = 0; t < T; ++t) {
+        const float x = a[t], y = b[t], gx = ga[t], gy = gb[t];
+        acc[t] += gy * x - gx * y;
+        a[t] = c * x + s * y;
+        b[t] = c * y - s * x;
+        ga[t] = c * gx + s * gy;
+        gb[t] = c * gy - s * gx;
+      }
+    }
+  }
+  float sum = 0;
+  for (int t = 0; t < T; ++t) sum += acc[t];
+  return 0.5f * sum;
+}
+
+// One phase walked back: d loss / d phi_j += sum over tokens of (cot_im re' - cot_re im') at the state after it,
+// then the state and the cotangent are multiplied by e^{-i phi}, in one pass.
+inline void phase_back(State& st, State& cot, const float* cs, int dim, double* grad) {
+  for (int j = 0; j < dim; ++j) {
+    const float c = cs[2 * j], s = cs[2 * j + 1];
+    float* __restrict x = st.re + j * T;
+    float* __restrict y = st.im + j * T;
+    float* __restrict gx = cot.re + j * T;
+    float* __restrict gy = cot.im + j * T;
+    float acc[T];
+    for (int t = 0; t < T; ++t) {
+      const float a = x[t], b = y[t], ga = gx[t], gb = gy[t];
+      acc[t] = gb * a - ga * b;
+      x[t] = a * c + b * s;
+      y[t] = b * c - a * s;
+      gx[t] = ga * c + gb * s;
+      gy[t] = gb * c - ga * s;
+    }
+    float sum = 0;
+    for (int t = 0; t < T; ++t) sum += acc[t];
+    grad[j] += sum;
+  }
+}
+
+// Multiply by e^{i phi}; a real state becomes complex.
+inline void apply_phase(float* __restrict re, float* __restrict im, bool complex, const float* cs, int dim) {
+  for (int j = 0; j < dim; ++j) {
+    const float c = cs[2 * j], s = cs[2 * j + 1];
+    float* __restrict x = re + j * T;
+    float* __restrict y = im + j * T;
+    if (complex) {
+      for (int t = 0; t < T; ++t) {
+        const float a = x[t], b = y[t];
+        x[t] = a * c - b * s;
+        y[t] = a * s + b * c;
+      }
+    } else {
+      for (int t = 0; t < T; ++t) {
+        y[t] = x[t] * s;
+        x[t] *= c;
+      }
+    }
+  }
+}
+
+inline void gather(float*& v, float*& spare, const int32_t* index, int dim) {
+  for (int j = 0; j < dim; ++j) std::copy_n(v + index[j] * T, T, spare + j * T);
+  std::swap(v, spare);
+}
+
+// psi = z / ||z||, zero-padded to dim, for tokens [t0, t0 + T) (rows past `tokens` are zero).
+void load(State& st, const float* z, const float* inv_norm, int64_t t0, int64_t tokens, int d, int dim) {
+  std::fill_n(st.re, dim * T, 0.f);
+  st.complex = false;
+  const int64_t count = std::min<int64_t>(T, tokens - t0);
+  for (int64_t t = 0; t < count; ++t) {
+    const float* row = z + (t0 + t) * d;
+    const float scale = inv_norm[t0 + t];
+    for (int j = 0; j < d; ++j) st.re[j * T + t] = row[j] * scale;
+  }
+}
+
+// Run the circuit on the tile; `complex_before[k]` records whether the state was complex before step k.
+void run(const Circuit& c, State& st, std::vector<char>* complex_before) {
+  for (size_t k = 0; k < c.steps.size(); ++k) {
+    const Step& step = c.steps[k];
+    if (complex_before) (*complex_before)[k] = st.complex;
+    if (step.kind == 0) {
+      rotate(st.re, c.dim, step.qubit, step.c, step.s);
+      if (st.complex) rotate(st.im, c.dim, step.qubit, step.c, step.s);
+    } else if (step.kind == 1) {
+      apply_phase(st.re, st.im, st.complex, c.phase + 2 * int64_t(step.slot) * c.dim, c.dim);
+      st.complex = true;
+    } else {
+      const int32_t* index = c.perm + int64_t(step.slot) * c.dim;
+      gather(st.re, st.spare_re, index, c.dim);
+      if (st.complex) gather(st.im, st.spare_im, index, c.dim);
+    }
+  }
+}
+
+struct Tile {
+  std::vector<float> planes;
+  State state, cot;
+  explicit Tile(int dim) : planes(size_t(8) * dim * T) {
+    float* p = planes.data();
+    const size_t plane = size_t(dim) * T;
+    state = {p, p + plane, p + 2 * plane, p + 3 * plane};
+    cot = {p + 4 * plane, p + 5 * plane, p + 6 * plane, p + 7 * plane};
+  }
+};
+
+Circuit circuit(const torch::Tensor& ops, const torch::Tensor& ry, const torch::Tensor& phase,
+                const torch::Tensor& perm, const torch::Tensor& inv, int dim) {
+  Circuit c{dim, {}, phase.data_ptr<float>(), perm.data_ptr<int32_t>(), inv.data_ptr<int32_t>()};
+  const int32_t* rows = ops.data_ptr<int32_t>();
+  const float* angles = ry.data_ptr<float>();
+  for (int64_t k = 0; k < ops.size(0); ++k) {
+    const int32_t* op = rows + 3 * k;
+    const int slot = op[0] == 0 ? op[2] : op[1];
+    const float cos_h = op[0] == 0 ? angles[2 * slot] : 0.f, sin_h = op[0] == 0 ? angles[2 * slot + 1] : 0.f;
+    c.steps.push_back({op[0], slot, op[1], cos_h, sin_h});
+  }
+  return c;
+}
+
+void check(const torch::Tensor& t, torch::ScalarType type, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.is_contiguous(), name,
+              ": expected a contiguous CPU tensor of ", c10::toString(type));
+}
+
+void check_inputs(const torch::Tensor& z, const torch::Tensor& inv_norm, const torch::Tensor& ops,
+                  const torch::Tensor& ry, const torch::Tensor& phase, const torch::Tensor& perm,
+                  const torch::Tensor& inv) {
+  check(z, torch::kFloat, "z");
+  check(inv_norm, torch::kFloat, "inv_norm");
+  check(ops, torch::kInt, "ops");
+  check(ry, torch::kFloat, "ry");
+  check(phase, torch::kFloat, "phase");
+  check(perm, torch::kInt, "perm");
+  check(inv, torch::kInt, "inv");
+}
+
+// |U psi|^2 as [dim, M] for z [M, d].
+torch::Tensor forward(torch::Tensor z, torch::Tensor inv_norm, torch::Tensor ops, torch::Tensor ry,
+                      torch::Tensor phase, torch::Tensor perm, torch::Tensor inv, int64_t dim) {
+  check_inputs(z, inv_norm, ops, ry, phase, perm, inv);
+  const int64_t tokens = z.size(0);
+  const int d = int(z.size(1));
+  TORCH_CHECK(d <= dim, "z has ", d, " features, more than the register's ", dim, " amplitudes");
+  const Circuit c = circuit(ops, ry, phase, perm, inv, int(dim));
+  auto probs = torch::empty({dim, tokens}, z.options());
+  const float* zp = z.data_ptr<float>();
+  const float* np = inv_norm.data_ptr<float>();
+  float* out = probs.data_ptr<float>();
+  const int64_t tiles = (tokens + T - 1) / T;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    Tile tile(c.dim);
+    State& st = tile.state;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t0 = i * T, count = std::min<int64_t>(T, tokens - t0);
+      load(st, zp, np, t0, tokens, d, c.dim);
+      run(c, st, nullptr);
+      for (int j = 0; j < c.dim; ++j) {
+        const float* x = st.re + j * T;
+        const float* y = st.im + j * T;
+        float* row = out + j * tokens + t0;
+        for (int64_t t = 0; t < count; ++t) row[t] = st.complex ? x[t] * x[t] + y[t] * y[t] : x[t] * x[t];
+      }
+    }
+  });
+  return probs;
+}
+
+// The adjoint pass. `weights` [dim, M] is d loss / d |amplitude|^2 times 2 (d |a|^2 / d a = 2a). Returns
+// (d loss / d psi for the first d amplitudes as [M, d], d loss / d theta_g per RY [G], d loss / d phi [F, dim]).
+std::vector<torch::Tensor> backward(torch::Tensor z, torch::Tensor inv_norm, torch::Tensor ops, torch::Tensor ry,
+                                    torch::Tensor phase, torch::Tensor perm, torch::Tensor inv, int64_t dim,
+                                    torch::Tensor weights) {
+  check_inputs(z, inv_norm, ops, ry, phase, perm, inv);
+  check(weights, torch::kFloat, "weights");
+  const int64_t tokens = z.size(0);
+  const int d = int(z.size(1));
+  const Circuit c = circuit(ops, ry, phase, perm, inv, int(dim));
+  const int rotations = int(ry.size(0)), phases = int(phase.size(0));
+  auto grad_psi = torch::empty({tokens, d}, z.options());
+  std::vector<double> total_ry(rotations, 0.0), total_phase(size_t(phases) * c.dim, 0.0);
+  std::mutex merge;
+  const float* zp = z.data_ptr<float>();
+  const float* np = inv_norm.data_ptr<float>();
+  const float* wp = weights.data_ptr<float>();
+  float* gp = grad_psi.data_ptr<float>();
+  const int64_t tiles = (tokens + T - 1) / T;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    Tile tile(c.dim);
+    State& st = tile.state;
+    State& cot = tile.cot;
+    std::vector<char> complex_before(c.steps.size());
+    std::vector<double> acc_ry(rotations, 0.0), acc_phase(size_t(phases) * c.dim, 0.0);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t0 = i * T, count = std::min<int64_t>(T, tokens - t0);
+      load(st, zp, np, t0, tokens, d, c.dim);
+      run(c, st, &complex_before);
+      // The cotangent of the final amplitudes: weights * amplitude (zero for the padding tokens).
+      for (int j = 0; j < c.dim; ++j) {
+        const float* w = wp + j * tokens + t0;
+        for (int t = 0; t < T; ++t) {
+          const float wt = t < count ? w[t] : 0.f;
+          cot.re[j * T + t] = wt * st.re[j * T + t];
+          cot.im[j * T + t] = st.complex ? wt * st.im[j * T + t] : 0.f;
+        }
+      }
+      cot.complex = st.complex;
+      for (int k = int(c.steps.size()) - 1; k >= 0; --k) {
+        const Step& step = c.steps[k];
+        const bool was_complex = complex_before[k];
+        if (step.kind == 0) {
+          double grad = rotate_back(st.re, cot.re, c.dim, step.qubit, step.c, step.s);
+          if (was_complex) grad += rotate_back(st.im, cot.im, c.dim, step.qubit, step.c, step.s);
+          acc_ry[step.slot] += grad;
+        } else if (step.kind == 1) {
+          phase_back(st, cot, c.phase + 2 * int64_t(step.slot) * c.dim, c.dim, acc_phase.data() + size_t(step.slot) * c.dim);
+          st.complex = cot.complex = was_complex;  // before the first phase the state is real: drop Im
+        } else {
+          const int32_t* index = c.inv + int64_t(step.slot) * c.dim;
+          gather(st.re, st.spare_re, index, c.dim);
+          gather(cot.re, cot.spare_re, index, c.dim);
+          if (was_complex) {
+            gather(st.im, st.spare_im, index, c.dim);
+            gather(cot.im, cot.spare_im, index, c.dim);
+          }
+        }
+      }
+      for (int64_t t = 0; t < count; ++t) {
+        float* row = gp + (t0 + t) * d;
+        for (int j = 0; j < d; ++j) row[j] = cot.re[j * T + t];
+      }
+    }
+    std::lock_guard<std::mutex> lock(merge);
+    for (int g = 0; g < rotations; ++g) total_ry[g] += acc_ry[g];
+    for (size_t j = 0; j < acc_phase.size(); ++j) total_phase[j] += acc_phase[j];
+  });
+  auto grad_ry = torch::tensor(total_ry, torch::kDouble).to(torch::kFloat);
+  auto grad_phase = torch::tensor(total_phase, torch::kDouble).to(torch::kFloat).view({phases, c.dim});
+  return {grad_psi, grad_ry, grad_phase};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "|U psi|^2 per token, as [2^n, M]");
+  m.def("backward", &backward, "the adjoint pass: (d/d psi, d/d theta per RY, d/d phi per phase)");
+}
