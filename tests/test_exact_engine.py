@@ -166,6 +166,21 @@ def test_second_backward_replays_and_state_buffers_are_reused(monkeypatch) -> No
     assert len(_SAVED.free) == held  # a kept state would have taken a buffer that no backward gives back
 
 
+def test_the_cpu_kernel_keeps_no_state_and_a_second_backward_gets_the_same_gradients() -> None:
+    plan = plan_for(9, 2, "ring", "expval+zz")
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(21, 300, generator=gen, requires_grad=True)
+    theta = (torch.rand(45, generator=gen) * 6).requires_grad_()
+    out = exact_expectations(plan, z, theta)
+    assert out.grad_fn.name() == "_KernelCircuitBackward"
+    weights = torch.randn(out.shape, generator=gen)
+    assert all(t.numel() < 21 * 2**9 for t in out.grad_fn.saved_tensors)  # no 2^9 amplitudes per token kept
+    first = torch.autograd.grad((out * weights).sum(), [z, theta], retain_graph=True)
+    again = torch.autograd.grad((out * weights).sum(), [z, theta])
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_saved_state_pool_takes_the_smallest_fit_and_drops_the_smallest_when_full() -> None:
     from circuits.backends.exact import _SavedStates
 

@@ -2,8 +2,8 @@
 
 The eager engine is bound by memory: each op is a pass over every token's state (megabytes at model scale) plus a
 Python-dispatched call. The kernel simulates 16 tokens from the embedding to the probabilities while their state
-stays in the core's cache, and its backward replays the circuit per tile instead of keeping the final state, so it
-is both faster and lighter (`benchmarks/exact_engine.py` measures it against LoRA).
+stays in the core's cache, one gate at a time, and walks them back the same way for the adjoint gradient
+(`benchmarks/exact_engine.py` measures it against LoRA).
 
 The kernel is built on first use with torch's C++ extension loader (gcc and ninja, both offline) into torch's
 extension cache, once per machine and source. `QAA_EXACT_KERNEL` = auto (use it on a CPU; if it cannot be built,
