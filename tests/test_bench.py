@@ -50,6 +50,7 @@ ROWS = {
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(BENCH_TIMEOUT + 600)  # the bench (23 jobs, ~10 min on a slow 2-core VM), then its --resume
 def test_quick_bench_runs_every_row_as_a_job_and_writes_the_table(tmp_path):
     services = Services.embedded(tmp_path, QAA_PORT=str(free_port()))
     services.home.mkdir(parents=True)

@@ -13,6 +13,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -397,5 +398,9 @@ def test_datasets_credentials_and_resubmit_have_their_commands(live, tmp_path):
     assert spec["method"] == live.http.get(f"/v1/jobs/{first['id']}").json()["spec"]["method"]
     for job in (first, again):
         live.cli("cancel", job["id"])
+    deadline = time.monotonic() + 120  # a running job takes its worker's next check to end: until then, 409
+    while any(live.http.get(f"/v1/jobs/{j['id']}").json()["status"] == "cancelling" for j in (first, again)):
+        assert time.monotonic() < deadline, "a cancelled job never ended"
+        time.sleep(0.2)
     assert live.cli("datasets", "delete", dataset["id"]).exit_code == 0
     assert dataset["id"] not in [d["id"] for d in live.json("datasets", "list")]

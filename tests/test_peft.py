@@ -134,7 +134,8 @@ def test_an_adapter_saved_before_qaa_was_a_peft_method_still_loads():
         torch.manual_seed(0)
         model = load(Tiny(), FIXTURE)
         with torch.no_grad():
-            torch.testing.assert_close(model(expected["x"]), expected["y"], atol=1e-6, rtol=0)
+            # float32 written on another CPU: GEMMs round differently across CPUs (2e-6 seen on an AMD EPYC)
+            torch.testing.assert_close(model(expected["x"]), expected["y"], atol=1e-5, rtol=1e-5)
 
 
 def test_save_qaa_writes_what_peft_loads(tiny, tmp_path):

@@ -53,85 +53,72 @@ struct State {
   bool complex = false;
 };
 
-// One RY on a plane: amplitude pairs (j, j + stride), the token axis innermost.
-inline void rotate(float* __restrict v, int dim, int qubit, float c, float s) {
-  const int stride = 1 << qubit;
-  for (int base = 0; base < dim; base += 2 * stride) {
-    for (int j = base; j < base + stride; ++j) {
-      float* __restrict a = v + j * T;
-      float* __restrict b = v + (j + stride) * T;
-      for (int t = 0; t < T; ++t) {
-        const float x = a[t], y = b[t];
-        a[t] = c * x - s * y;
-        b[t] = s * x + c * y;
-      }
-    }
+// A plane rotation of T tokens by (c, s): an RY on an amplitude pair, or a phase on one amplitude's (re, im).
+inline void turn(float* __restrict x, float* __restrict y, float c, float s) {
+  for (int t = 0; t < T; ++t) {
+    const float a = x[t], b = y[t];
+    x[t] = c * a - s * b;
+    y[t] = s * a + c * b;
   }
 }
 
-// The same RY walked back with its cotangent: returns its share of d loss / d theta, read off the state `v` after
-// it and the cotangent `g` there (dRY/dtheta = RY [[0, -1], [1, 0]] / 2, so the share is sum (g1 a0' - g0 a1') / 2),
-// and inverts the state and carries the cotangent back (RY^T = RY(-theta)) in the same pass.
-inline float rotate_back(float* __restrict v, float* __restrict g, int dim, int qubit, float c, float s) {
+// One RY on a plane: amplitude pairs (j, j + stride), the token axis innermost.
+inline void rotate(float* v, int dim, int qubit, float c, float s) {
+  const int stride = 1 << qubit;
+  for (int base = 0; base < dim; base += 2 * stride)
+    for (int j = base; j < base + stride; ++j) turn(v + j * T, v + (j + stride) * T, c, s);
+}
+
+// `turn` walked back: (x, y) is the state after it and (gx, gy) the cotangent there. Adds
+// gy x - gx y (the gradient for its angle, up to a factor) to acc, then rotates both back by (c, -s).
+inline void unrotate(float* __restrict x, float* __restrict y, float* __restrict gx, float* __restrict gy, float c,
+                     float s, float* __restrict acc) {
+  for (int t = 0; t < T; ++t) {
+    const float a = x[t], b = y[t], ga = gx[t], gb = gy[t];
+    acc[t] += gb * a - ga * b;
+    x[t] = c * a + s * b;
+    y[t] = c * b - s * a;
+    gx[t] = c * ga + s * gb;
+    gy[t] = c * gb - s * ga;
+  }
+}
+
+inline float sum(const float* acc) {
+  float total = 0;
+  for (int t = 0; t < T; ++t) total += acc[t];
+  return total;
+}
+
+// One RY walked back on a plane: returns d loss / d theta's share (dRY/dtheta = RY [[0, -1], [1, 0]] / 2, so it is
+// sum (g1 a0' - g0 a1') / 2 over its amplitude pairs), and inverts the state and carries the cotangent back
+// (RY^T = RY(-theta)) in the same pass.
+inline float rotate_back(float* v, float* g, int dim, int qubit, float c, float s) {
   const int stride = 1 << qubit;
   float acc[T] = {};
-  for (int base = 0; base < dim; base += 2 * stride) {
-    for (int j = base; j < base + stride; ++j) {
-      float* __restrict a = v + j * T;
-      float* __restrict b = v + (j + stride) * T;
-      float* __restrict ga = g + j * T;
-      float* __restrict gb = g + (j + stride) * T;
-      for (int t = 0; t < T; ++t) {
-        const float x = a[t], y = b[t], gx = ga[t], gy = gb[t];
-        acc[t] += gy * x - gx * y;
-        a[t] = c * x + s * y;
-        b[t] = c * y - s * x;
-        ga[t] = c * gx + s * gy;
-        gb[t] = c * gy - s * gx;
-      }
-    }
-  }
-  float sum = 0;
-  for (int t = 0; t < T; ++t) sum += acc[t];
-  return 0.5f * sum;
+  for (int base = 0; base < dim; base += 2 * stride)
+    for (int j = base; j < base + stride; ++j)
+      unrotate(v + j * T, v + (j + stride) * T, g + j * T, g + (j + stride) * T, c, s, acc);
+  return 0.5f * sum(acc);
 }
 
-// One phase walked back: d loss / d phi_j += sum over tokens of (cot_im re' - cot_re im') at the state after it,
-// then the state and the cotangent are multiplied by e^{-i phi}, in one pass.
+// One phase walked back: d loss / d phi_j += sum over tokens of (cot_im re' - cot_re im') at the state after it
+// (d re'/d phi = -im', d im'/d phi = re'), and the state and the cotangent are multiplied by e^{-i phi}.
 inline void phase_back(State& st, State& cot, const float* cs, int dim, double* grad) {
   for (int j = 0; j < dim; ++j) {
-    const float c = cs[2 * j], s = cs[2 * j + 1];
-    float* __restrict x = st.re + j * T;
-    float* __restrict y = st.im + j * T;
-    float* __restrict gx = cot.re + j * T;
-    float* __restrict gy = cot.im + j * T;
-    float acc[T];
-    for (int t = 0; t < T; ++t) {
-      const float a = x[t], b = y[t], ga = gx[t], gb = gy[t];
-      acc[t] = gb * a - ga * b;
-      x[t] = a * c + b * s;
-      y[t] = b * c - a * s;
-      gx[t] = ga * c + gb * s;
-      gy[t] = gb * c - ga * s;
-    }
-    float sum = 0;
-    for (int t = 0; t < T; ++t) sum += acc[t];
-    grad[j] += sum;
+    float acc[T] = {};
+    unrotate(st.re + j * T, st.im + j * T, cot.re + j * T, cot.im + j * T, cs[2 * j], cs[2 * j + 1], acc);
+    grad[j] += sum(acc);
   }
 }
 
 // Multiply by e^{i phi}; a real state becomes complex.
-inline void apply_phase(float* __restrict re, float* __restrict im, bool complex, const float* cs, int dim) {
+inline void apply_phase(float* re, float* im, bool complex, const float* cs, int dim) {
   for (int j = 0; j < dim; ++j) {
     const float c = cs[2 * j], s = cs[2 * j + 1];
     float* __restrict x = re + j * T;
     float* __restrict y = im + j * T;
     if (complex) {
-      for (int t = 0; t < T; ++t) {
-        const float a = x[t], b = y[t];
-        x[t] = a * c - b * s;
-        y[t] = a * s + b * c;
-      }
+      turn(x, y, c, s);
     } else {
       for (int t = 0; t < T; ++t) {
         y[t] = x[t] * s;
