@@ -78,6 +78,13 @@ class Permutation:
 
     index: tuple[int, ...]
 
+    def inverse(self) -> list[int]:
+        """The gather that undoes this one: inverse[index[j]] = j."""
+        inverse = [0] * len(self.index)
+        for j, source in enumerate(self.index):
+            inverse[source] = j
+        return inverse
+
 
 Op = RealRotation | Phase | Permutation
 
@@ -193,10 +200,7 @@ def _tables(plan: Plan, num_params: int, device: torch.device) -> _Tables:
     gathers = {}
     for position, op in enumerate(plan.ops):
         if isinstance(op, Permutation):
-            inverse_index = [0] * len(op.index)
-            for j, source in enumerate(op.index):
-                inverse_index[source] = j
-            for inverse, idx in ((False, op.index), (True, inverse_index)):
+            for inverse, idx in ((False, op.index), (True, op.inverse())):
                 for halves in (1, 2, 4):  # a real or complex state, or a (state, cotangent) pair of either
                     flat = [i + h * len(idx) for h in range(halves) for i in idx]
                     gathers[position, halves, inverse] = torch.tensor(flat, device=device)
@@ -674,7 +678,7 @@ class _KernelCircuit(torch.autograd.Function):
         ry, phase = _kernel_angles(theta, spec, tables)
         probs = module.forward(zf, inv_norm.view(-1), spec.ops, ry, phase, spec.perm, spec.inverse, plan.dim)
         r = _readout(probs, tables)
-        ctx.plan, ctx.module = plan, module
+        ctx.plan, ctx.module, ctx.tables, ctx.spec = plan, module, tables, spec
         ctx.save_for_backward(z, theta, r, norm, inv_norm, ry, phase)
         return norm * r
 
@@ -682,8 +686,7 @@ class _KernelCircuit(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         plan: Plan = ctx.plan
         z, theta, r, norm, inv_norm, ry, phase = ctx.saved_tensors
-        tables = _tables(plan, len(theta), z.device)
-        spec = kernel_plan(plan)
+        tables, spec = ctx.tables, ctx.spec
         g = (grad_out.float() * norm).transpose(0, 1)  # d loss / d r as [k, M]: the output is ||z|| * r
         weights = (g if tables.readout is None else tables.readout @ g).mul(2).contiguous()
         v, grad_ry, grad_phi = ctx.module.backward(

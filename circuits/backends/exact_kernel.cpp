@@ -34,6 +34,7 @@ struct Step {
   int slot;
   int qubit;
   float c, s;
+  bool complex_before;  // whether the state is complex before this step: after the circuit's first phase
 };
 
 struct Circuit {
@@ -145,11 +146,8 @@ void load(State& st, const float* z, const float* inv_norm, int64_t t0, int64_t 
   }
 }
 
-// Run the circuit on the tile; `complex_before[k]` records whether the state was complex before step k.
-void run(const Circuit& c, State& st, std::vector<char>* complex_before) {
-  for (size_t k = 0; k < c.steps.size(); ++k) {
-    const Step& step = c.steps[k];
-    if (complex_before) (*complex_before)[k] = st.complex;
+void run(const Circuit& c, State& st) {
+  for (const Step& step : c.steps) {
     if (step.kind == 0) {
       rotate(st.re, c.dim, step.qubit, step.c, step.s);
       if (st.complex) rotate(st.im, c.dim, step.qubit, step.c, step.s);
@@ -180,11 +178,13 @@ Circuit circuit(const torch::Tensor& ops, const torch::Tensor& ry, const torch::
   Circuit c{dim, {}, phase.data_ptr<float>(), perm.data_ptr<int32_t>(), inv.data_ptr<int32_t>()};
   const int32_t* rows = ops.data_ptr<int32_t>();
   const float* angles = ry.data_ptr<float>();
+  bool complex = false;
   for (int64_t k = 0; k < ops.size(0); ++k) {
     const int32_t* op = rows + 3 * k;
     const int slot = op[0] == 0 ? op[2] : op[1];
     const float cos_h = op[0] == 0 ? angles[2 * slot] : 0.f, sin_h = op[0] == 0 ? angles[2 * slot + 1] : 0.f;
-    c.steps.push_back({op[0], slot, op[1], cos_h, sin_h});
+    c.steps.push_back({op[0], slot, op[1], cos_h, sin_h, complex});
+    complex = complex || op[0] == 1;
   }
   return c;
 }
@@ -194,9 +194,17 @@ void check(const torch::Tensor& t, torch::ScalarType type, const char* name) {
               ": expected a contiguous CPU tensor of ", c10::toString(type));
 }
 
-void check_inputs(const torch::Tensor& z, const torch::Tensor& inv_norm, const torch::Tensor& ops,
-                  const torch::Tensor& ry, const torch::Tensor& phase, const torch::Tensor& perm,
-                  const torch::Tensor& inv) {
+// What forward and backward share: the checked inputs, the circuit and the tiling of the tokens.
+struct Call {
+  Circuit circuit;
+  int64_t tokens, tiles;
+  int d;
+  const float* z;
+  const float* inv_norm;
+};
+
+Call prepare(const torch::Tensor& z, const torch::Tensor& inv_norm, const torch::Tensor& ops, const torch::Tensor& ry,
+             const torch::Tensor& phase, const torch::Tensor& perm, const torch::Tensor& inv, int64_t dim) {
   check(z, torch::kFloat, "z");
   check(inv_norm, torch::kFloat, "inv_norm");
   check(ops, torch::kInt, "ops");
@@ -204,28 +212,28 @@ void check_inputs(const torch::Tensor& z, const torch::Tensor& inv_norm, const t
   check(phase, torch::kFloat, "phase");
   check(perm, torch::kInt, "perm");
   check(inv, torch::kInt, "inv");
+  const int64_t tokens = z.size(0);
+  const int d = int(z.size(1));
+  TORCH_CHECK(d <= dim, "z has ", d, " features, more than the register's ", dim, " amplitudes");
+  return {circuit(ops, ry, phase, perm, inv, int(dim)), tokens, (tokens + T - 1) / T, d, z.data_ptr<float>(),
+          inv_norm.data_ptr<float>()};
 }
 
 // |U psi|^2 as [dim, M] for z [M, d].
 torch::Tensor forward(torch::Tensor z, torch::Tensor inv_norm, torch::Tensor ops, torch::Tensor ry,
                       torch::Tensor phase, torch::Tensor perm, torch::Tensor inv, int64_t dim) {
-  check_inputs(z, inv_norm, ops, ry, phase, perm, inv);
-  const int64_t tokens = z.size(0);
-  const int d = int(z.size(1));
-  TORCH_CHECK(d <= dim, "z has ", d, " features, more than the register's ", dim, " amplitudes");
-  const Circuit c = circuit(ops, ry, phase, perm, inv, int(dim));
+  const Call call = prepare(z, inv_norm, ops, ry, phase, perm, inv, dim);
+  const Circuit& c = call.circuit;
+  const int64_t tokens = call.tokens;
   auto probs = torch::empty({dim, tokens}, z.options());
-  const float* zp = z.data_ptr<float>();
-  const float* np = inv_norm.data_ptr<float>();
   float* out = probs.data_ptr<float>();
-  const int64_t tiles = (tokens + T - 1) / T;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, call.tiles, 1, [&](int64_t begin, int64_t end) {
     Tile tile(c.dim);
     State& st = tile.state;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t0 = i * T, count = std::min<int64_t>(T, tokens - t0);
-      load(st, zp, np, t0, tokens, d, c.dim);
-      run(c, st, nullptr);
+      load(st, call.z, call.inv_norm, t0, tokens, call.d, c.dim);
+      run(c, st);
       for (int j = 0; j < c.dim; ++j) {
         const float* x = st.re + j * T;
         const float* y = st.im + j * T;
@@ -242,30 +250,26 @@ torch::Tensor forward(torch::Tensor z, torch::Tensor inv_norm, torch::Tensor ops
 std::vector<torch::Tensor> backward(torch::Tensor z, torch::Tensor inv_norm, torch::Tensor ops, torch::Tensor ry,
                                     torch::Tensor phase, torch::Tensor perm, torch::Tensor inv, int64_t dim,
                                     torch::Tensor weights) {
-  check_inputs(z, inv_norm, ops, ry, phase, perm, inv);
+  const Call call = prepare(z, inv_norm, ops, ry, phase, perm, inv, dim);
   check(weights, torch::kFloat, "weights");
-  const int64_t tokens = z.size(0);
-  const int d = int(z.size(1));
-  const Circuit c = circuit(ops, ry, phase, perm, inv, int(dim));
+  const Circuit& c = call.circuit;
+  const int64_t tokens = call.tokens;
+  const int d = call.d;
   const int rotations = int(ry.size(0)), phases = int(phase.size(0));
   auto grad_psi = torch::empty({tokens, d}, z.options());
   std::vector<double> total_ry(rotations, 0.0), total_phase(size_t(phases) * c.dim, 0.0);
   std::mutex merge;
-  const float* zp = z.data_ptr<float>();
-  const float* np = inv_norm.data_ptr<float>();
   const float* wp = weights.data_ptr<float>();
   float* gp = grad_psi.data_ptr<float>();
-  const int64_t tiles = (tokens + T - 1) / T;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, call.tiles, 1, [&](int64_t begin, int64_t end) {
     Tile tile(c.dim);
     State& st = tile.state;
     State& cot = tile.cot;
-    std::vector<char> complex_before(c.steps.size());
     std::vector<double> acc_ry(rotations, 0.0), acc_phase(size_t(phases) * c.dim, 0.0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t0 = i * T, count = std::min<int64_t>(T, tokens - t0);
-      load(st, zp, np, t0, tokens, d, c.dim);
-      run(c, st, &complex_before);
+      load(st, call.z, call.inv_norm, t0, tokens, d, c.dim);
+      run(c, st);
       // The cotangent of the final amplitudes: weights * amplitude (zero for the padding tokens).
       for (int j = 0; j < c.dim; ++j) {
         const float* w = wp + j * tokens + t0;
@@ -278,7 +282,7 @@ std::vector<torch::Tensor> backward(torch::Tensor z, torch::Tensor inv_norm, tor
       cot.complex = st.complex;
       for (int k = int(c.steps.size()) - 1; k >= 0; --k) {
         const Step& step = c.steps[k];
-        const bool was_complex = complex_before[k];
+        const bool was_complex = step.complex_before;
         if (step.kind == 0) {
           double grad = rotate_back(st.re, cot.re, c.dim, step.qubit, step.c, step.s);
           if (was_complex) grad += rotate_back(st.im, cot.im, c.dim, step.qubit, step.c, step.s);

@@ -87,7 +87,7 @@ class KernelPlan:
 def kernel_plan(plan) -> KernelPlan:
     from .exact import Permutation, Phase, RealRotation
 
-    rows, rotations, perms = [], [], []
+    rows, rotations, perms, inverse = [], [], [], []
     phases = 0
     for op in plan.ops:
         if isinstance(op, RealRotation):
@@ -101,12 +101,7 @@ def kernel_plan(plan) -> KernelPlan:
             assert isinstance(op, Permutation)
             rows.append((2, len(perms), 0))
             perms.append(op.index)
-    inverse = []
-    for index in perms:
-        inv = [0] * len(index)
-        for j, source in enumerate(index):
-            inv[source] = j
-        inverse.append(inv)
+            inverse.append(op.inverse())
 
     def table(lists: list) -> torch.Tensor:
         return torch.tensor(lists, dtype=torch.int32).reshape(len(lists), plan.dim)
