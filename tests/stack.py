@@ -238,6 +238,17 @@ class Proc:
         self.stop(timeout=5)
 
 
+def spawn_worker(
+    services: Services, *, queues: str = "cpu,gpu,qpu", concurrency: int = 1, name: str = "worker"
+) -> Proc:
+    """`qaa worker` on `services`, returned at once: it takes seconds to be ready, and a test that watches a running
+    job meanwhile must not stop watching for that long."""
+    log_path = services.home.parent / f"{name}-{uuid.uuid4().hex[:6]}.log"
+    services.home.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "workers.cli", "worker", f"--queues={queues}", f"--concurrency={concurrency}"]
+    return Proc(args, services.env(), log_path)
+
+
 def start_worker(
     services: Services,
     *,
@@ -247,10 +258,7 @@ def start_worker(
     ready_timeout: float = 120,
 ) -> Proc:
     """`qaa worker` on `services`, returned once Celery reports it ready to consume."""
-    log_path = services.home.parent / f"{name}-{uuid.uuid4().hex[:6]}.log"
-    services.home.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "workers.cli", "worker", f"--queues={queues}", f"--concurrency={concurrency}"]
-    proc = Proc(args, services.env(), log_path)
+    proc = spawn_worker(services, queues=queues, concurrency=concurrency, name=name)
     try:
         proc.wait_for_log(" ready.", ready_timeout)
     except BaseException:

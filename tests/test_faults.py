@@ -33,6 +33,7 @@ from stack import (
     Services,
     postgres_database,
     redis_url,
+    spawn_worker,
     start_api,
     start_worker,
     truncate_store,
@@ -179,7 +180,9 @@ def test_three_sigkills_mid_step_lose_nothing_and_match_an_uninterrupted_run(pro
                 holder.kill()  # SIGKILL while the next step is under way
                 holder.stop()  # only closes its log
                 killed_at.append(max(metric_steps(services, job.id)))
-                replacement = start_worker(services, name=f"w{n}")
+                # Not waited for: the surviving worker resumes the job meanwhile, and a replacement takes seconds
+                # to be ready (on a slow machine the survivor ran past every later target while the test waited).
+                replacement = spawn_worker(services, name=f"w{n}")
                 workers[replacement.pid] = replacement
             done = wait_status(services, job.id, "succeeded", "failed", timeout=JOB_TIMEOUT)
             reference_done = wait_status(reference_stack, reference.id, "succeeded", "failed", timeout=JOB_TIMEOUT)
