@@ -495,7 +495,7 @@ def estimate(
     spec = read_spec(spec_file, set_, output)
     with connected(url, api_key, output) as api:
         est = api.estimate(spec, d_in=d_in, adapters=adapters)
-    show(output, est, render.estimate_table(est))
+    show(output, est, *render.estimate_tables(est))
 
 
 @app.command()

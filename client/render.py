@@ -121,10 +121,44 @@ def job_tables(job: Mapping[str, Any]) -> list[Table]:
         summary["error"] = job["error"]
     tables = [key_value_table("job", summary, justify="left")]
     if job.get("usage"):
-        tables.append(key_value_table("quantum usage", job["usage"]))
+        usage = job["usage"]
+        tables.append(key_value_table("quantum usage", _counted(usage)))
+        if usage.get("circuits_on_backend"):
+            tables.append(circuits_table(usage["circuits_on_backend"]))
     if job.get("evaluation"):
         tables.append(evaluation_table(job["evaluation"]))
     return tables
+
+
+def _counted(usage: Mapping[str, Any]) -> dict[str, Any]:
+    """The usage counters, with the runtime job ids as their count (`--output json` keeps the ids) and the
+    circuits left to `circuits_table`: a list of 50 ids in a cell makes the table unreadable."""
+    shown: dict[str, Any] = {}
+    for key, value in usage.items():
+        if key == "runtime_job_ids":
+            shown["runtime_jobs"] = len(value)
+        elif key != "circuits_on_backend":
+            shown[key] = value
+    return shown
+
+
+def circuits_table(circuits: Iterable[Mapping[str, Any]]) -> Table:
+    """Each distinct adapter circuit as transpiled for the device: where it runs, how deep, and its estimated
+    success probability (the product of (1 - error) over its gates and measurements)."""
+    table = Table("qubits", "physical qubits", "2q gates", "depth", "duration", "ESP", "worst readout error",
+                  "median 2q error", title="circuits on the device", title_justify="left")  # fmt: skip
+    for c in circuits:
+        table.add_row(
+            fmt(c["qubits"]),
+            ", ".join(map(str, c["physical_qubits"])),
+            fmt(c["two_qubit_gates"]),
+            fmt(c["depth"]),
+            f"{fmt(c['duration_s'] * 1e6, 3)} µs",
+            fmt(c["esp"], 3),
+            fmt(max(c["readout_errors"], default=None), 3),
+            fmt(c.get("median_two_qubit_error"), 3),
+        )
+    return table
 
 
 def evaluation_table(evaluation: Mapping[str, Any]) -> Table:
@@ -159,8 +193,14 @@ def backends_table(backends: Iterable[Mapping[str, Any]]) -> Table:
     return table
 
 
-def estimate_table(est: Mapping[str, Any]) -> Table:
-    seconds = est.get("seconds")
+def _span(seconds: Mapping[str, float]) -> str:
+    return f"{fmt(seconds['low'], 2)} - {fmt(seconds['high'], 2)} s"
+
+
+def estimate_tables(est: Mapping[str, Any]) -> list[Table]:
+    """The estimate's figures, and on a device each circuit as it will run there (its ESP says whether it
+    survives the noise) before any QPU time is spent."""
+    seconds, qpu, evaluation = est.get("seconds"), est.get("qpu_seconds"), est.get("evaluation") or {}
     shown = {
         "backend": est["backend"],
         "adapters": est["adapters"],
@@ -170,9 +210,22 @@ def estimate_table(est: Mapping[str, Any]) -> Table:
         "circuits": est["circuits"],
         "shots": est["shots"],
         "primitive calls": est["primitive_calls"],
-        "time": f"{fmt(seconds['low'], 2)} - {fmt(seconds['high'], 2)} s" if seconds else "unknown for this model",
-        "within budget": "yes" if est["within_budget"] else "NO",
     }
+    if est.get("runtime_jobs"):
+        shown["runtime jobs"] = est["runtime_jobs"]
+    if evaluation.get("circuits"):
+        shown["evaluation, at most"] = (f"{fmt(evaluation['circuits'])} circuits, {fmt(evaluation['shots'])} shots, "
+                                        f"{fmt(evaluation['runtime_jobs'])} runtime jobs")  # fmt: skip
+    if qpu is not None:
+        shown["QPU time"] = _span(qpu)
+    shown["time"] = _span(seconds) if seconds else "unknown for this model"
+    shown["within budget"] = "yes" if est["within_budget"] else "NO"
+    table = key_value_table("estimate", shown, justify="left")
+    for warning in est.get("warnings") or []:
+        table.add_row("warning", warning)
     if est.get("note"):
-        shown["note"] = est["note"]
-    return key_value_table("estimate", shown)
+        table.add_row("note", est["note"])
+    tables = [table]
+    if est.get("circuits_on_backend"):
+        tables.append(circuits_table(est["circuits_on_backend"]))
+    return tables

@@ -3,7 +3,9 @@ that the client imports nothing of the server side."""
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +218,48 @@ def test_numbers_are_formatted_for_reading():
         "0",
         "true",
     ]
+
+
+CIRCUIT = {"qubits": 3, "two_qubit_gates": 15, "depth": 45, "duration_s": 1.1125e-05, "physical_qubits": [2, 3, 4],
+           "esp": 0.75461, "readout_errors": [0.0964, 0.0186, 0.0144], "median_two_qubit_error": 0.011354}  # fmt: skip
+
+
+def shown(*tables) -> str:
+    from rich.console import Console
+
+    out = Console(record=True, width=200, file=io.StringIO())
+    for table in tables:
+        out.print(table)
+    return out.export_text()
+
+
+def test_a_device_jobs_usage_counts_its_runtime_jobs_and_tables_its_circuits():
+    ids = [f"{i:08x}-7d37-418c-b750-44db859b768a" for i in range(56)]
+    usage = {"circuits": 608, "shots": 622592, "runtime_job_ids": ids, "sessions_closed": 1,
+             "circuits_on_backend": [CIRCUIT]}  # fmt: skip
+    text = shown(*render.job_tables({"id": "job_1", "status": "succeeded", "usage": usage}))
+    assert not any(i in text for i in ids) and max(map(len, text.splitlines())) <= 120  # no wall of ids
+    assert re.search(r"runtime_jobs\s+│\s+56 │", text) and re.search(r"circuits\s+│\s+608 │", text)
+    assert re.search(r"│ 3 +│ 2, 3, 4 +│ 15 +│ 45 +│ 11.125 µs │ 0.755 │ 0.096 +│ 0.011 +│", text), text
+
+
+def test_a_device_estimate_shows_qpu_time_evaluation_warnings_and_each_circuits_esp():
+    est = {"backend": "fake:FakeManilaV2", "adapters": 2, "d_in": [64], "tokens_per_step": 8, "circuits_per_step": 304,
+           "circuits": 608, "shots": 622592, "primitive_calls": 4, "runtime_jobs": 4,
+           "evaluation": {"circuits": 3244, "shots": 3321856, "runtime_jobs": 108},
+           "qpu_seconds": {"low": 1210.112, "high": 2149.9953}, "seconds": {"low": 2.66, "high": 420.18},
+           "circuits_on_backend": [CIRCUIT], "warnings": ["ESP 0.02 on ibm_x: the readout is mostly noise"],
+           "within_budget": False, "note": ""}  # fmt: skip
+    text = shown(*render.estimate_tables(est))
+    for row in ("runtime jobs +│ 4 ", "evaluation, at most │ 3,244 circuits, 3,321,856 shots, 108 runtime jobs",
+                "QPU time +│ 1,210.11 - 2,150 s", "within budget +│ NO", "warning +│ ESP 0.02 on ibm_x"):  # fmt: skip
+        assert re.search(row, text), row
+    assert "0.755" in text and "note" not in text
+    exact = {**est, "backend": "exact", "circuits": 0, "shots": 0, "runtime_jobs": 0, "qpu_seconds": None,
+             "evaluation": {"circuits": 0, "shots": 0, "runtime_jobs": 0}, "circuits_on_backend": None,
+             "warnings": [], "within_budget": True}  # fmt: skip
+    text = shown(*render.estimate_tables(exact))
+    assert not re.search("QPU|runtime jobs|evaluation|ESP", text) and re.search(r"within budget +│ yes", text)
 
 
 def test_compare_rows_read_scores_whatever_the_nesting():

@@ -11,6 +11,7 @@ import csv
 import importlib.util
 import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -170,6 +171,9 @@ def test_estimate_prints_the_servers_figures(live):
     text = live.cli("estimate", FAKE_MANILA, "--set", "training.steps=3")
     assert text.exit_code == 0
     assert "fake:FakeManilaV2" in text.stdout and render.fmt(ours["circuits"]) in text.stdout
+    qpu, (circuit,) = ours["qpu_seconds"], ours["circuits_on_backend"]  # what a device run costs, and its ESP
+    assert re.search(rf"QPU time +│ {render.fmt(qpu['low'], 2)} - {render.fmt(qpu['high'], 2)} s", text.stdout)
+    assert f"│ {render.fmt(circuit['esp'], 3)} │" in text.stdout and 0 < circuit["esp"] < 1
     exact = live.json("estimate", TINY)
     assert (exact["backend"], exact["circuits"], exact["shots"], exact["primitive_calls"]) == ("exact", 0, 0, 0)
 
