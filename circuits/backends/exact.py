@@ -12,12 +12,12 @@ S = 2 (real part rows, then imaginary part rows) after the first phase.
 
 Two strategies, chosen by cost:
 
-* `dense`: for small registers the whole circuit is one 2^n x 2^n unitary built from theta (not per token), and
-  every token costs two real matrix products. Plain autograd.
-* `blocks`: for larger registers the ops run over the batch of states, each writing into one of two reused
-  buffers. Gradients use the adjoint method (as PennyLane's `diff_method="adjoint"`): the forward keeps its input z
-  and the final state, and the backward walks the state and the cotangent back through the ops together, so no
-  per-gate intermediate is ever stored.
+* `dense`: for small registers (n <= 7) where the CPU kernel does not run, the whole circuit is one 2^n x 2^n
+  unitary built from theta (not per token), and every token costs two real matrix products. Plain autograd.
+* `blocks`: for larger registers, and at every size on the CPU kernel (`strategy_on`), the ops run over the
+  batch of states, each writing into one of two reused buffers. Gradients use the adjoint method (as PennyLane's
+  `diff_method="adjoint"`): the forward keeps its input z and the final state, and the backward walks the state
+  and the cotangent back through the ops together, so no per-gate intermediate is ever stored.
 
 Both return `||z|| * r(U(theta) |z/||z||>)`: the norm restore of docs/qaa.md is part of the engine, and a zero vector
 yields zero output and zero gradient.
@@ -50,7 +50,8 @@ from .exact_kernel import kernel, kernel_plan, kernel_wanted
 #: Largest fused block of qubits. Blocks of at most 4 measured fastest on CPU at n = 8..12 (n = 10 as 4+3+3 beats
 #: 5+5 by a fifth: half the flops for one more pass over a state that the buffers below keep in place).
 _MAX_BLOCK = 4
-#: Below this register size the dense unitary wins (measured crossover on a 2-core CPU, see benchmarks/).
+#: Up to this register size the dense unitary beats the eager `blocks` path (measured crossover on a 2-core CPU);
+#: the C++ kernel beats it at every size, so where the kernel runs, `auto` plans run `blocks` (`strategy_on`).
 _DENSE_MAX_QUBITS = 7
 #: Largest reused state buffer, in floats (64 MiB): n = 10 with 4,096 tokens in the backward pass.
 _BUFFER_CAP = 2**24
@@ -97,7 +98,7 @@ class Plan:
     ops: tuple[Op, ...]
     blocks: tuple[tuple[int, int], ...]  # (first qubit, size) of each fused block
     readout: str
-    strategy: str  # "dense" | "blocks"
+    strategy: str  # "dense" | "blocks" | "auto" (decided per device by `strategy_on`)
 
     @property
     def dim(self) -> int:
@@ -144,8 +145,8 @@ def compile_gates(n: int, gates: list[Gate], readout: str, strategy: str = "auto
     flush_rotations()
     if perm is not None:
         ops.append(Permutation(tuple(perm)))
-    if strategy == "auto":
-        strategy = "dense" if n <= _DENSE_MAX_QUBITS else "blocks"
+    if strategy == "auto" and n > _DENSE_MAX_QUBITS:
+        strategy = "blocks"
     return Plan(n, tuple(ops), _split(n), readout, strategy)
 
 
@@ -623,6 +624,15 @@ def engine_path(device: torch.device) -> str:
     return "eager"
 
 
+def strategy_on(plan: Plan, device: torch.device) -> str:
+    """The strategy, "dense" or "blocks", that `plan` runs on `device`. An explicit one stands; an `auto` plan (n at
+    most `_DENSE_MAX_QUBITS`) runs `blocks` where the C++ kernel runs it, which measured faster than the dense
+    unitary at every n from 4 to 7 (README, the exact engine's per-adapter costs), and the dense unitary elsewhere."""
+    if plan.strategy != "auto":
+        return plan.strategy
+    return "blocks" if engine_path(device) == "kernel" else "dense"
+
+
 class _AdjointCircuit(torch.autograd.Function):
     """||z|| * r(U |z/||z||>) with adjoint differentiation: keeps z and the final state, nothing per gate."""
 
@@ -717,7 +727,7 @@ def _kernel_angles(theta: torch.Tensor, spec, tables: _Tables) -> tuple[torch.Te
 
 def exact_expectations(plan: Plan, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """`||z|| * r(U(theta)|z/||z||>)` for z of shape [M, d <= 2^n]; differentiable in z and theta."""
-    if plan.strategy == "blocks":
+    if strategy_on(plan, z.device) == "blocks":
         path = engine_path(z.device)
         if path == "kernel":
             return _KernelCircuit.apply(z, theta, plan, kernel())
