@@ -257,17 +257,21 @@ def test_without_a_compiler_the_engine_warns_once_and_runs_eagerly(tmp_path) -> 
 def test_strategy_chosen_by_size_and_by_where_it_runs(monkeypatch) -> None:
     """Above 7 qubits always `blocks`; up to 7 the dense unitary, except on the CPU kernel, which is faster at
     every size (`benchmarks/exact_engine.py`'s scaling row); an explicit strategy stands."""
-    from circuits.backends.exact import strategy_on
+    from circuits.backends.exact import engine_path, strategy_on
 
-    cpu, small, large = torch.device("cpu"), plan_for(4, 2, "ring", "expval"), plan_for(10, 2, "ring", "expval")
+    small, large = plan_for(4, 2, "ring", "expval"), plan_for(10, 2, "ring", "expval")
+
+    def on_cpu(plan) -> str:
+        return strategy_on(plan, engine_path(torch.device("cpu")))
+
     assert (small.strategy, large.strategy) == ("auto", "blocks")
-    assert (strategy_on(small, cpu), strategy_on(large, cpu)) == ("blocks", "blocks")  # the kernel builds here
-    assert strategy_on(plan_for(4, 2, "ring", "expval", "dense"), cpu) == "dense"
+    assert (on_cpu(small), on_cpu(large)) == ("blocks", "blocks")  # the kernel builds here
+    assert on_cpu(plan_for(4, 2, "ring", "expval", "dense")) == "dense"
     monkeypatch.setenv("QAA_EXACT_KERNEL", "never")
-    assert (strategy_on(small, cpu), strategy_on(large, cpu)) == ("dense", "blocks")
+    assert (on_cpu(small), on_cpu(large)) == ("dense", "blocks")
     monkeypatch.setenv("QAA_EXACT_KERNEL", "auto")
     monkeypatch.setenv("QAA_EXACT_COMPILE", "always")  # what a CUDA device runs
-    assert strategy_on(small, cpu) == "dense"
+    assert on_cpu(small) == "dense"
 
 
 def test_cnot_ring_compiles_to_one_permutation_per_layer() -> None:

@@ -98,7 +98,7 @@ class Plan:
     ops: tuple[Op, ...]
     blocks: tuple[tuple[int, int], ...]  # (first qubit, size) of each fused block
     readout: str
-    strategy: str  # "dense" | "blocks" | "auto" (decided per device by `strategy_on`)
+    strategy: str  # "dense" | "blocks" | "auto" (decided per engine path by `strategy_on`)
 
     @property
     def dim(self) -> int:
@@ -624,13 +624,14 @@ def engine_path(device: torch.device) -> str:
     return "eager"
 
 
-def strategy_on(plan: Plan, device: torch.device) -> str:
-    """The strategy, "dense" or "blocks", that `plan` runs on `device`. An explicit one stands; an `auto` plan (n at
-    most `_DENSE_MAX_QUBITS`) runs `blocks` where the C++ kernel runs it, which measured faster than the dense
-    unitary at every n from 4 to 7 (README, the exact engine's per-adapter costs), and the dense unitary elsewhere."""
+def strategy_on(plan: Plan, path: str) -> str:
+    """The strategy, "dense" or "blocks", that `plan` runs on `path` (`engine_path` of the device). An explicit one
+    stands; an `auto` plan (n at most `_DENSE_MAX_QUBITS`) runs `blocks` on the C++ kernel, which measured faster
+    than the dense unitary at every n from 4 to 7 (README, the exact engine's per-adapter costs), and the dense
+    unitary elsewhere."""
     if plan.strategy != "auto":
         return plan.strategy
-    return "blocks" if engine_path(device) == "kernel" else "dense"
+    return "blocks" if path == "kernel" else "dense"
 
 
 class _AdjointCircuit(torch.autograd.Function):
@@ -727,8 +728,8 @@ def _kernel_angles(theta: torch.Tensor, spec, tables: _Tables) -> tuple[torch.Te
 
 def exact_expectations(plan: Plan, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """`||z|| * r(U(theta)|z/||z||>)` for z of shape [M, d <= 2^n]; differentiable in z and theta."""
-    if strategy_on(plan, z.device) == "blocks":
-        path = engine_path(z.device)
+    path = engine_path(z.device)
+    if strategy_on(plan, path) == "blocks":
         if path == "kernel":
             return _KernelCircuit.apply(z, theta, plan, kernel())
         keep = torch.is_grad_enabled() and (z.requires_grad or theta.requires_grad)
