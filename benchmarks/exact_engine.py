@@ -7,6 +7,7 @@ reset after the model is loaded (`/proc/self/clear_refs`), so loading, common to
 
     python benchmarks/exact_engine.py            # writes benchmarks/results/exact_engine.json
     python benchmarks/exact_engine.py --device cuda --batch 16 --tokens 128 --out FILE   # benchmarks/gpu_check.sh
+    PYTHONPATH=TREE python benchmarks/exact_engine.py --scaling   # one adapter's cost per n, of TREE's engine
 
 On CUDA the memory figure is torch's peak allocation over the timed steps (`peak_cuda_mb`), and every step is
 timed between two `torch.cuda.synchronize()` calls.
@@ -121,7 +122,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", choices=["lora", "qaa"], help=argparse.SUPPRESS)
+    parser.add_argument("--scaling", action="store_true", help="print one adapter's cost per n only (no file)")
     args = parser.parse_args()
+    if args.scaling:
+        print(json.dumps(scaling(range(4, 13))))
+        return
     shape = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
              "--batch", str(args.batch), "--tokens", str(args.tokens)]  # fmt: skip
     if args.child:
