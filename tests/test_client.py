@@ -402,6 +402,8 @@ def test_both_clis_complete_their_commands_in_the_shell():
                "COMP_WORDS": words, "COMP_CWORD": str(cword)}  # fmt: skip
         done = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
         assert set(done.stdout.split()) >= expected, (prog, done.stdout, done.stderr)
+        # Typer otherwise detects the shell from the process tree (`sh` under a `sh -c` runner) and ignores "bash"
+        named = {"PATH": "/usr/bin:/bin", "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
         shown = subprocess.run([str(script), "--show-completion", "bash"], capture_output=True, text=True, timeout=60,
-                               env={"PATH": "/usr/bin:/bin", "SHELL": "/bin/bash"})  # fmt: skip
+                               env=named)  # fmt: skip
         assert f"complete -o default -F _{prog.replace('-', '_')}_completion {prog}" in shown.stdout
